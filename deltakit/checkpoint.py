@@ -1,0 +1,149 @@
+"""Save and load deltas only: `deltas.safetensors` + `deltakit.json` (spec, options, a backbone
+fingerprint, versions). Files are written atomically; nothing is unpickled on load."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, listing
+
+FORMAT = "deltakit-deltas"
+VERSION = 1
+WEIGHTS, CONFIG = "deltas.safetensors", "deltakit.json"
+
+
+def atomic_write(path: Path, write):
+    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def fingerprint(model, entries) -> dict:
+    from .handle import _backbone_params
+    from .positions import family
+    params = _backbone_params(model)
+    structure = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in params).encode()).hexdigest()
+    sample = hashlib.sha256()
+    for e in entries:   # a few values of every targeted module: tells checkpoints apart cheaply
+        for p in _module_params(model, e.position.path):
+            if p.device.type == "meta":
+                sample = None
+                break
+            sample.update(p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+        if sample is None:
+            break
+    fam = family(model)
+    return {"class": type(model).__name__, "family": fam.name if fam else "generic",
+            "num_params": sum(p.numel() for _, p in params), "structure": structure,
+            "sample": sample.hexdigest() if sample is not None else None}
+
+
+def _module_params(model, path):
+    module = model.get_submodule(path) if path else model
+    return [p for n, p in module.named_parameters(recurse=False)]
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {"torch": torch.__version__}
+    for name in ("deltakit", "transformers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def describe(handle) -> dict:
+    return {
+        "format": FORMAT, "version": VERSION, "name": handle.name, "spec": handle.spec,
+        "entries": [{"key": e.key, "position": e.position.name, "path": e.position.path, "type": e.type.name,
+                     "options": dataclasses.asdict(e.options), "shape": list(e.position.shape),
+                     "num_params": e.num_params} for e in handle.entries],
+        "fingerprint": fingerprint(handle.model, handle.entries),
+        "versions": _versions(),
+    }
+
+
+def save(handle, path) -> Path:
+    from safetensors.torch import save_file
+    if not handle.entries:
+        raise CheckpointError(f"handle {handle.name!r} has no deltas to save (detached?)")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in handle.state_dict().items()}
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    config = json.dumps(describe(handle), indent=2, ensure_ascii=False)
+    atomic_write(folder / CONFIG, lambda tmp: tmp.write_text(config, encoding="utf-8"))   # written last
+    return folder
+
+
+def read_config(path) -> dict:
+    folder = Path(path)
+    file = folder / CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{folder} is not a deltakit checkpoint: {CONFIG} is missing "
+                              f"(saved with h.save(path)? PEFT folders load with peft.PeftModel)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not a deltakit delta checkpoint (format {FORMAT!r} expected)")
+    if config.get("version", 0) > VERSION:
+        raise CheckpointError(f"{file} was written by a newer deltakit (checkpoint version {config['version']}, "
+                              f"this one reads up to {VERSION}); upgrade deltakit")
+    return config
+
+
+def load(model, path, name: str | None = None):
+    """Attach the deltas saved at `path` to `model` and load their weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from .handle import attach, plan
+    config = read_config(path)
+    planned = {p.key: p for p in plan(model, config["spec"])}
+    saved = {e["key"]: e for e in config["entries"]}
+    missing = sorted(set(saved) - set(planned))
+    extra = sorted(set(planned) - set(saved))
+    wrong = [f"{k} (saved {tuple(saved[k]['shape'])}, here {tuple(planned[k].position.shape)})"
+             for k in saved if k in planned and tuple(saved[k]["shape"]) != tuple(planned[k].position.shape)]
+    if missing or extra or wrong:
+        fp = config.get("fingerprint", {})
+        raise CheckpointError(
+            f"the deltas in {path} do not fit this {type(model).__name__} (they were trained on a "
+            f"{fp.get('class', '?')} with {fp.get('num_params', 0):,} parameters): "
+            + "; ".join(part for part in (
+                missing and f"positions missing here: {listing(missing, 6)}",
+                extra and f"positions only here: {listing(extra, 6)}",
+                wrong and f"shapes differ: {listing(wrong, 6)}") if part))
+    try:
+        tensors = load_file(str(Path(path) / WEIGHTS))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {Path(path) / WEIGHTS}: {e}") from None
+    handle = attach(model, config["spec"], name=name or config.get("name", "default"))
+    try:
+        handle.load_state_dict(tensors)
+    except BaseException:
+        handle.detach()
+        raise
+    here, there = fingerprint(model, handle.entries), config.get("fingerprint", {})
+    if there.get("structure") and here["structure"] != there["structure"]:
+        warnings.warn(f"the backbone's parameter names or shapes differ from the one the deltas in {path} were "
+                      f"saved from ({there.get('class')}); the targeted positions fit, so they were loaded", stacklevel=2)
+    elif there.get("sample") and here["sample"] and here["sample"] != there["sample"]:
+        warnings.warn(f"the backbone's weights differ from the ones the deltas in {path} were trained on "
+                      f"(another checkpoint of the same architecture?)", stacklevel=2)
+    return handle

@@ -1,0 +1,56 @@
+"""Delta types. Each file here defines one type as a small PyTorch module plus a `TYPE` record.
+
+The protocol (what the engine in `deltakit/joins.py` relies on):
+
+* `TYPE.options`: a dataclass of typed options with defaults; `__post_init__` rejects bad values.
+* `TYPE.kinds`: the position kinds the type accepts (linear, norm, attention, block, embed, module).
+* `TYPE.count(opts, pos)`: the number of parameters it adds at `pos`, known before building
+  (the structure search needs it).
+* `TYPE.build(opts, pos, target)`: the delta module. `target` is the module at `pos.path`.
+* `TYPE.join`: how the delta module joins the computation:
+    - "parallel":   out += delta(x), x the input of the position (for a sub-block, of `pos.inp`);
+    - "sequential": out += delta(out), out the output of the position (for a sub-block, of `pos.out`);
+    - "reparam":    the module runs with params + delta.weights() (a dict name -> delta tensor);
+    - "prefix", "embed": reserved for attention key/value prefixes and input embeddings.
+  A parallel or sequential delta that can be folded into the weights defines
+  `merge_delta() -> {param name: delta}` in nn.Linear layout; reparam deltas always fold.
+* Every delta instance has a `gate` attribute (None = 1) that the engine multiplies into its
+  contribution; the S3PET search sets it, normal use leaves it alone.
+* Weights a shared module generates (hypernetwork deltas) are fine: nothing assumes a delta owns
+  its tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class DeltaType:
+    name: str
+    options: type
+    kinds: tuple
+    join: str
+    count: Callable
+    build: Callable
+    default: str            # placement used when a rule has no '@'
+    positional: str | None = None  # option that may be written without 'key=' first
+    doc: str = ""
+
+
+TYPES: dict[str, DeltaType] = {}
+
+
+def register(delta_type: DeltaType) -> DeltaType:
+    """Add a delta type (also for user-defined ones); its name becomes usable in specs."""
+    TYPES[delta_type.name] = delta_type
+    return delta_type
+
+
+def _register_builtins():
+    from . import adapter, bitfit, full, lnfit, lora, lowrank_adapter, parallel_adapter
+    for module in (lora, adapter, parallel_adapter, lowrank_adapter, bitfit, lnfit, full):
+        register(module.TYPE)
+
+
+_register_builtins()

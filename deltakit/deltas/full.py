@@ -1,0 +1,40 @@
+"""Full tuning of one module (a classification head, an embedding...) as a zero-initialised dense
+delta on each of its parameters: the module runs with params + delta. The backbone itself is never
+written to, so detach() restores it exactly; merge() folds the delta in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import DeltaType
+
+
+@dataclass(frozen=True)
+class Options:
+    pass
+
+
+class Full(nn.Module):
+    def __init__(self, target: nn.Module):
+        super().__init__()
+        # ParameterDict keys cannot hold dots: 'dense.weight' is stored as 'dense__weight'
+        self.delta = nn.ParameterDict({name.replace(".", "__"): nn.Parameter(torch.zeros(p.shape))
+                                       for name, p in target.named_parameters() if "deltakit" not in name})
+
+    def weights(self):
+        return {key.replace("__", "."): value for key, value in self.delta.items()}
+
+
+def count(opts: Options, pos) -> int:
+    return pos.params
+
+
+def build(opts: Options, pos, target) -> Full:
+    return Full(target)
+
+
+TYPE = DeltaType("full", Options, kinds=("linear", "norm", "embed", "module", "attention", "block"),
+                 join="reparam", count=count, build=build, default="head",
+                 doc="tune every parameter of a module (e.g. a classification head), mergeable")

@@ -1,0 +1,35 @@
+"""LNFit (a candidate of S3PET-M): a zero-initialised delta on a norm's scale, weight + delta."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import DeltaType
+
+
+@dataclass(frozen=True)
+class Options:
+    pass
+
+
+class LNFit(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def weights(self):
+        return {"weight": self.weight}
+
+
+def count(opts: Options, pos) -> int:
+    return pos.shape[0]
+
+
+def build(opts: Options, pos, target) -> LNFit:
+    return LNFit(pos.shape[0])
+
+
+TYPE = DeltaType("lnfit", Options, kinds=("norm",), join="reparam", count=count, build=build,
+                 default="ln.*", doc="delta on a norm's scale, mergeable")

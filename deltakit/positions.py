@@ -1,0 +1,289 @@
+"""Canonical positions of a model, and matching of position patterns against them.
+
+`positions(model)` reads the family tables of `families.py` (or, for an unknown model, lists its
+Linear, norm and embedding modules by raw name) and returns `Position` records. Patterns are
+globs over dotted names where `*` is one segment and `a-b` is a range of layer numbers; a
+pattern without a stack or a `layers.N` part applies to every stack and every layer. `re:`
+patterns are regexes fully matched against raw module paths.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from .errors import PatternError, nearest, listing
+from .families import FAMILIES, Family, Slice, Sub
+
+
+@dataclass(frozen=True)
+class Position:
+    name: str                  # canonical name, e.g. "layers.3.attn.q" or "encoder.layers.0.ffn"
+    path: str                  # raw path of the module deltas attach to
+    kind: str                  # linear | norm | attention | block | embed | module
+    shape: tuple               # linear: (in, out); norm/attention/block: (dim,); embed: (rows, dim)
+    local: str = ""            # name inside one layer ("attn.q"), or the model-level name
+    stack: str | None = None
+    layer: int | None = None
+    slice: tuple | None = None  # (start, stop) output features of a fused projection
+    inp: str | None = None      # sub-blocks: module whose input is the sub-block input
+    out: str | None = None      # sub-blocks: module whose output is the residual branch
+    params: int = 0             # parameters of the module at `path` (what `full` would tune)
+
+    def __str__(self):
+        return f"{self.name:<28} {self.kind:<9} {str(self.shape):<14} {self.path}"
+
+
+def is_linear(module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # HF GPT-2 Conv1D
+
+
+def is_norm(module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "Norm" in type(module).__name__
+
+
+def linear_dims(module) -> tuple:
+    if isinstance(module, nn.Linear):
+        return (module.in_features, module.out_features)
+    return tuple(module.weight.shape)  # Conv1D stores weight as (in, out)
+
+
+def module_kind(module) -> str:
+    if is_linear(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embed"
+    if is_norm(module) and getattr(module, "weight", None) is not None:
+        return "norm"
+    return "module"
+
+
+def module_shape(module) -> tuple:
+    kind = module_kind(module)
+    if kind == "linear":
+        return linear_dims(module)
+    if kind == "embed":
+        return tuple(module.weight.shape)
+    if kind == "norm":
+        return (module.weight.shape[-1],)
+    return ()
+
+
+def backbone_modules(model) -> dict:
+    """Named modules, without deltas that deltakit placed in the model."""
+    return {n: m for n, m in model.named_modules() if "deltakit" not in n.split(".")}
+
+
+# ---- building the table ------------------------------------------------------------------------
+
+def _kind_of(local: str, module) -> str:
+    if local in ("attn", "cross"):
+        return "attention"
+    if local == "ffn":
+        return "block"
+    if local.startswith("ln."):
+        return "norm"
+    if local == "embed":
+        return "embed"
+    return module_kind(module)
+
+
+def _resolve(entry, base: str, modules: dict):
+    """The raw path (and slice spec) of one table entry under `base`, or None if absent."""
+    if isinstance(entry, Slice):
+        path = f"{base}{entry.path}"
+        return (path, entry) if path in modules else None
+    for alt in (entry if isinstance(entry, tuple) else (entry,)):
+        if f"{base}{alt}" in modules:
+            return f"{base}{alt}", None
+    return None
+
+
+def _layer_positions(family: Family, stack: str, prefix: str, index: int, modules: dict) -> list:
+    base = f"{prefix}{index}."
+    table = family.layer_table(stack)
+    head = (f"{stack}." if stack else "") + f"layers.{index}."
+    found: dict[str, Position] = {}
+    for local, entry in table.items():
+        if isinstance(entry, Sub):
+            continue
+        hit = _resolve(entry, base, modules)
+        if hit is None:
+            continue
+        path, sl = hit
+        module = modules[path]
+        shape = module_shape(module) if local.startswith("ln.") else None
+        cut = None
+        if sl is not None:  # a part of a fused projection: the slice of output features
+            fan_in, fan_out = linear_dims(module)
+            step = fan_out // sl.parts
+            cut = (sl.index * step, (sl.index + 1) * step)
+            shape = (fan_in, step)
+        found[local] = Position(head + local, path, _kind_of(local, module), shape or module_shape(module),
+                                local, stack or None, index, cut)
+    for local, entry in table.items():  # sub-blocks refer to projections found above
+        if not isinstance(entry, Sub) or entry.inp not in found or entry.out not in found:
+            continue
+        module_path = f"{base}{entry.module}" if entry.module else found[entry.out].path
+        if module_path not in modules:
+            continue
+        dim = found[entry.out].shape[1]
+        found[local] = Position(head + local, module_path, _kind_of(local, None), (dim,), local, stack or None,
+                                index, None, found[entry.inp].path, found[entry.out].path)
+    order = list(table)
+    return sorted(found.values(), key=lambda p: order.index(p.local))
+
+
+def _family_positions(family: Family, modules: dict) -> list:
+    out = []
+    for stack, layer_re in family.stacks.items():
+        pattern = re.compile(rf"(?:(.*)\.)?{layer_re}\.(\d+)")
+        layers, prefix = [], None
+        for name in modules:
+            m = pattern.fullmatch(name)
+            if m and (prefix is None or (m.group(1) or "") == prefix):
+                prefix = m.group(1) or ""
+                layers.append(int(m.group(2)))
+        if prefix is None:
+            continue
+        stem = f"{prefix}." if prefix else ""
+        stem += layer_re.replace("\\", "") + "."
+        for i in sorted(set(layers)):
+            out.extend(_layer_positions(family, stack, stem, i, modules))
+    if not out:
+        return []
+    for name, suffixes in family.top.items():
+        for suffix in (suffixes if isinstance(suffixes, tuple) else (suffixes,)):
+            path = next((n for n in modules if n == suffix or n.endswith("." + suffix)), None)
+            if path is not None:
+                module = modules[path]
+                stack = name.split(".")[0] if name.split(".")[0] in family.stacks and "." in name else None
+                local = name[len(stack) + 1:] if stack else name
+                out.append(Position(name, path, _kind_of(local, module), module_shape(module), local, stack))
+                break
+    return out
+
+
+def _generic_positions(modules: dict) -> list:
+    out = []
+    for path, module in modules.items():
+        kind = module_kind(module)
+        if path and kind != "module":
+            out.append(Position(path, path, kind, module_shape(module), path))
+    return out
+
+
+def family(model) -> Family | None:
+    modules = backbone_modules(model)
+    for fam in FAMILIES:
+        if _family_positions(fam, modules):
+            return fam
+    return None
+
+
+def _num_params(module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if "deltakit" not in n.split("."))
+
+
+def positions(model) -> list[Position]:
+    """The canonical position table of `model` (a generic table of raw names for unknown models)."""
+    modules = backbone_modules(model)
+    table = next((t for t in (_family_positions(f, modules) for f in FAMILIES) if t), None)
+    table = table or _generic_positions(modules)
+    return [replace(p, params=_num_params(modules[p.path])) for p in table]
+
+
+def format_table(table) -> str:
+    return "\n".join(str(p) for p in table)
+
+
+# ---- matching ----------------------------------------------------------------------------------
+
+_GLOB = re.compile(r"[A-Za-z0-9_*?\[\]!\-]+(\.[A-Za-z0-9_*?\[\]!\-]+)*")
+_RANGE = re.compile(r"(\d+)-(\d+)")
+
+
+def _segment_match(pat: str, seg: str) -> bool:
+    if pat == "*":
+        return True
+    m = _RANGE.fullmatch(pat)
+    if m:
+        return seg.isdigit() and int(m.group(1)) <= int(seg) <= int(m.group(2))
+    return fnmatch.fnmatchcase(seg, pat)
+
+
+def _glob_match(pat: list, name: list) -> bool:
+    return len(pat) == len(name) and all(_segment_match(p, s) for p, s in zip(pat, name))
+
+
+def _expansions(pattern: str, stacks: set, canonical: bool) -> list[list[str]]:
+    """A pattern without a stack or layer part stands for every stack and every layer."""
+    segs = pattern.split(".")
+    if not canonical:
+        return [segs]
+    stack = [segs[0]] if segs[0] in stacks else None
+    rest = segs[1:] if stack else segs
+    stack_opts = [stack] if stack else ([[]] + ([["*"]] if stacks else []))
+    layer_opts = [[]] if "layers" in rest else [[], ["layers", "*"]]
+    return [s + l + rest for s in stack_opts for l in layer_opts]
+
+
+def check_pattern(pattern: str):
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise PatternError(f"bad regular expression in pattern {pattern!r}: {e}") from None
+        if not pattern[3:]:
+            raise PatternError("empty regular expression after 're:'")
+        return
+    if not _GLOB.fullmatch(pattern):
+        raise PatternError(f"{pattern!r} is not a position pattern: use dotted names with '*' for one segment "
+                           f"and 'a-b' for layer ranges (e.g. 'layers.0-5.attn.q'), or 're:<regex>' for raw "
+                           f"module names")
+    for seg in pattern.split("."):
+        m = _RANGE.fullmatch(seg)
+        if m and int(m.group(1)) > int(m.group(2)):
+            raise PatternError(f"layer range {seg!r} in {pattern!r} is empty: write low-high, e.g. '0-11'")
+
+
+def match(model, table: list, pattern: str) -> list[Position]:
+    """Positions of `table` that `pattern` selects; a PatternError if there are none."""
+    check_pattern(pattern)
+    if pattern.startswith("re:"):
+        return _match_regex(model, table, pattern)
+    canonical = any(p.layer is not None for p in table)
+    stacks = {p.stack for p in table if p.stack}
+    hits = []
+    for segs in _expansions(pattern, stacks, canonical):
+        hits += [p for p in table if _glob_match(segs, p.name.split(".")) and p not in hits]
+    hits.sort(key=table.index)
+    if not hits:
+        names = {p.local for p in table} | {p.name for p in table if p.layer is None}
+        if stacks:
+            names |= {f"{p.stack}.{p.local}" for p in table if p.stack}
+        raise PatternError(f"pattern {pattern!r} matches no position of this {type(model).__name__}."
+                           f"{nearest(pattern, names)} Positions here: {listing(names)} "
+                           f"(all of them: deltakit.positions(model); raw module names: 're:<regex>')")
+    return hits
+
+
+def _match_regex(model, table, pattern) -> list[Position]:
+    regex = re.compile(pattern[3:])
+    modules = backbone_modules(model)
+    by_path = {}
+    for p in table:  # a raw path that is a canonical position keeps its canonical name
+        if p.slice is None:
+            by_path.setdefault(p.path, p)
+    hits = []
+    for path, module in modules.items():
+        if path and regex.fullmatch(path):
+            hits.append(by_path.get(path) or Position(path, path, module_kind(module), module_shape(module), path,
+                                                      params=_num_params(module)))
+    if not hits:
+        raise PatternError(f"regex {pattern!r} matches no module name (it must match a whole path such as "
+                           f"{next((n for n in modules if n.count('.') >= 2), 'encoder.layer.0')!r}; "
+                           f"try 're:.*<name>')")
+    return hits
