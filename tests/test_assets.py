@@ -154,6 +154,8 @@ def test_folder_is_complete_and_reused(e5_dir):
     assert (config["vocab_size"], config["pad_token_id"], config["max_position_embeddings"]) == (
         250_037, 1, 514)
     assert (e5_dir / assets._MARKER).is_file()
+    tok_config = json.loads((e5_dir / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert not [p for p in e5_dir.parent.iterdir() if p.name.startswith(".")]  # no temp dirs
     mtime = (e5_dir / "model.safetensors").stat().st_mtime
     start = time.perf_counter()
