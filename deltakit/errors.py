@@ -40,6 +40,9 @@ def nearest(word: str, choices, n: int = 3) -> str:
     """' Did you mean: a, b?' for error messages, or '' when nothing is close."""
     choices = sorted(set(choices))
     close = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    if not close and word:  # too short for difflib: 'rank' -> r, 'drop' -> dropout
+        low = word.lower()
+        close = [c for c in choices if c and (low.startswith(c.lower()) or c.lower().startswith(low))][:n]
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 

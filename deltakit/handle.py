@@ -48,9 +48,16 @@ def plan(model, spec: str, table: list | None = None) -> list[Planned]:
             if not fits or (wrong and not wildcard):
                 p = wrong[0]
                 examples = listing({q.local for q in table if q.kind in dtype.kinds}, 8)
-                raise KindError(f"in rule {rule.text!r}: {dtype.name} cannot go at {p.name!r}, a {p.kind} position; "
+                raise KindError(f"in rule {rule.text!r}: {dtype.name} cannot go at {p.name!r}, {_article(p.kind)} {p.kind} position; "
                                 f"{dtype.name} takes {', '.join(dtype.kinds)} positions, such as {examples}")
-            for p in fits:
+            sized = [p for p in fits if dtype.count(opts, p) > 0]   # e.g. `full` on a dropout: nothing to tune
+            if not sized:
+                raise KindError(f"in rule {rule.text!r}: {dtype.name} would add no parameters at "
+                                f"{fits[0].name!r} (the module has none); pick a module with parameters")
+            if len(sized) < len(fits) and not wildcard:
+                bad = next(p for p in fits if p not in sized)
+                raise KindError(f"in rule {rule.text!r}: {dtype.name} would add no parameters at {bad.name!r}")
+            for p in sized:
                 item = Planned(p, dtype, opts, dtype.count(opts, p), rule.text)
                 if item.key in seen:
                     if seen[item.key].rule != rule.text:
@@ -60,6 +67,10 @@ def plan(model, spec: str, table: list | None = None) -> list[Planned]:
                 seen[item.key] = item
                 planned.append(item)
     return planned
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 # ---- per-model bookkeeping ---------------------------------------------------------------------
@@ -159,6 +170,7 @@ class Handle:
             dtype = torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32
         with torch.device(device):   # on the meta device a 10B plan costs no memory
             module = item.type.build(item.options, pos, target).to(dtype)
+        module.train(target.training)   # an eval() model must not get deltas with dropout on
         module.gate = None
         holder = target._modules.get("deltakit")
         if holder is None:

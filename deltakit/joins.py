@@ -78,14 +78,20 @@ def _on_tensor(out, fn):
 
 def forward_with(module, params: dict, args, kwargs):
     """Run module.forward (no hooks) with some parameters replaced, as torch.func.functional_call
-    does, but without re-entering this module's own forward hooks."""
+    does, but without re-entering this module's own forward hooks. A parameter registered under
+    several names (BERT's MLM head: `predictions.bias` is `predictions.decoder.bias`) is replaced
+    under all of them, whichever one forward reads."""
+    aliases: dict = {}
+    for alias, p in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(alias)
     saved = []
     try:
         for name, value in params.items():
-            owner_path, _, leaf = name.rpartition(".")
-            owner = submodule(module, owner_path)
-            saved.append((owner, leaf, owner._parameters[leaf]))
-            owner._parameters[leaf] = value
+            for alias in aliases.get(id(module.get_parameter(name)), [name]):
+                owner_path, _, leaf = alias.rpartition(".")
+                owner = submodule(module, owner_path)
+                saved.append((owner, leaf, owner._parameters[leaf]))
+                owner._parameters[leaf] = value
         return module.forward(*args, **kwargs)
     finally:
         for owner, leaf, value in reversed(saved):
@@ -98,7 +104,7 @@ _LINEAR_IN_PARAMS = ("Conv1D", "T5LayerNorm", "CpmAntLayerNorm", "RMSNorm")
 def linear_in_params(module) -> bool:
     """Is the output a linear function of the parameters (f(x; a+b) = f(x; a) + f(x; b))?
     Then a weight delta's contribution is f(x; delta) alone: exact in bf16 and cheap."""
-    if any(True for _ in module.children()):
+    if any(name != "deltakit" for name, _ in module.named_children()):
         return False
     name = type(module).__name__
     if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)) or name in _LINEAR_IN_PARAMS:
@@ -232,10 +238,20 @@ def weight_deltas(entry, model):
     return out
 
 
+def _shared_outside(model, module, name) -> bool:
+    """Is `module`'s parameter `name` also registered in a module outside `module`? (A tied LM
+    head's weight is the input embedding: folding a head delta into it would move the embedding.)"""
+    param = module.get_parameter(name)
+    inside = {id(m) for m in module.modules()}
+    return any(p is param for m in model.modules() if id(m) not in inside for p in m._parameters.values())
+
+
 def fold(entry, model, sign: int) -> bool:
     deltas = weight_deltas(entry, model)
     if deltas is None:
         return False
+    if sign > 0 and any(_shared_outside(model, module, name) for module, name in deltas):
+        return False   # stays live: the hook applies it to this module only
     with torch.no_grad():
         for (module, name), delta in deltas.items():
             param = module.get_parameter(name) if "." in name else getattr(module, name)

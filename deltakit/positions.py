@@ -234,7 +234,7 @@ def check_pattern(pattern: str):
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:  # a{4294967296}; deeply nested groups
             raise PatternError(f"bad regular expression in pattern {pattern!r}: {e}") from None
         if not pattern[3:]:
             raise PatternError("empty regular expression after 're:'")

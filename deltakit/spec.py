@@ -18,7 +18,7 @@ import re
 import typing
 from dataclasses import dataclass
 
-from .errors import OptionError, SpecError, UnknownDeltaType, nearest, listing
+from .errors import OptionError, PatternError, SpecError, UnknownDeltaType, nearest, listing
 
 _OPEN, _CLOSE = "([{", ")]}"
 
@@ -35,22 +35,37 @@ class Rule:
 
 
 def split_top(text: str, sep: str) -> list[str]:
-    """Split on `sep` where no bracket is open."""
-    parts, depth, start = [], 0, 0
+    """Split on `sep` where no bracket is open. A backslash escapes the next character, so a
+    regex may hold a literal bracket as ``\\(`` or ``[\\]]``."""
+    parts, opened, start, escaped = [], [], 0, False
     for i, ch in enumerate(text):
-        if ch in _OPEN:
-            depth += 1
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in _OPEN:
+            opened.append(i)
         elif ch in _CLOSE:
-            depth -= 1
-            if depth < 0:
-                raise SpecError(f"unbalanced '{ch}' at character {i} of {text!r}")
-        elif ch == sep and depth == 0:
+            if not opened:
+                raise _bracket_error(f"unbalanced '{ch}' at character {i} of {text!r}", text, i)
+            opened.pop()
+        elif ch == sep and not opened:
             parts.append(text[start:i])
             start = i + 1
-    if depth:
-        raise SpecError(f"unclosed bracket in {text!r}")
+    if opened:
+        i = opened[0]
+        raise _bracket_error(f"unclosed '{text[i]}' at character {i} of {text!r}", text, i)
     parts.append(text[start:])
     return parts
+
+
+def _bracket_error(message: str, text: str, i: int) -> SpecError:
+    """A PatternError when the bracket is in a pattern (after its rule's '@'), else a SpecError."""
+    rule_start = text.rfind(";", 0, i) + 1
+    if "@" in text[rule_start:i]:
+        return PatternError(f"{message}: a bracket in a pattern must be closed; in a 're:' regex, "
+                            f"write a literal bracket with a backslash, e.g. '\\('")
+    return SpecError(message)
 
 
 def parse(spec: str) -> list[Rule]:
@@ -94,8 +109,10 @@ def _parse_options(body: str, text: str) -> dict:
         return options
     for i, item in enumerate(split_top(body, ",")):
         item = item.strip()
-        key, eq, value = item.partition("=")
-        key = key.strip()
+        if not item:
+            raise SpecError(f"in rule {text!r}: an empty option (a stray ',' in '({body})')")
+        key, *value = split_top(item, "=")   # an '=' inside brackets is part of the value
+        key, value, eq = key.strip(), "=".join(value), bool(value)
         if not eq:
             if i == 0:  # a leading positional value, e.g. hyper(lora, ...)
                 key, value = "_", item
@@ -117,10 +134,13 @@ def literal(value: str, text: str = ""):
     """A spec value as a Python literal, without eval."""
     if value == "":
         raise SpecError(f"in rule {text!r}: an option has no value")
-    if _INT.fullmatch(value):
-        return int(value)
-    if _FLOAT.fullmatch(value):
-        return float(value)
+    try:
+        if _INT.fullmatch(value):
+            return int(value)
+        if _FLOAT.fullmatch(value):
+            return float(value)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        raise SpecError(f"in rule {text!r}: the number {value[:20]}... has too many digits") from None
     low = value.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -142,6 +162,11 @@ def make_options(delta_type, raw: dict, where: str = ""):
     for key, value in raw.items():
         if key == "_" and delta_type.positional:
             key = delta_type.positional
+        elif key == "_":
+            raise OptionError(f"{where}{delta_type.name} takes no unnamed value: write {value!r} as key=value. "
+                              f"Valid options: {listing(names) or 'none'}")
+        if key in kwargs:  # the positional value and key=value both name it
+            raise OptionError(f"{where}{delta_type.name} option {key!r} is given twice")
         if key not in names:
             valid = listing(names) or "none"
             raise OptionError(f"{where}{delta_type.name} has no option {key!r}.{nearest(key, names)} "

@@ -1,0 +1,26 @@
+"""The speed benchmark runs end to end on tiny models (--quick) and prints its ratio rows."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_quick_runs_and_prints_ratios(tmp_path):
+    out = tmp_path / "speed.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--quick", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for model in ("e5", "cpmant"):
+        rows = [line for line in proc.stdout.splitlines() if model in line]
+        for what in ("train step: deltakit / PEFT", "infer merged / bare: deltakit",
+                     "infer merged / bare: PEFT", "train peak memory MB"):
+            assert any(what in line for line in rows), (model, what, proc.stdout)
+    results = json.loads(out.read_text())["results"]
+    for r in results.values():
+        assert r["stats"]["train"]["deltakit"]["median"] > 0
+        assert r["memory"]["deltakit"]["peak_over_model_mb"] > 0
+        assert max(r["merge_max_abs_diff"].values()) < 1e-3   # merging kept the outputs
