@@ -32,7 +32,7 @@ class Config:
     n_train: int = 4000
     n_test: int = 1000
     max_length: int = 64
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 32
     lr: float = 1e-3
     warmup: float = 0.06          # fraction of steps with a linear warm-up

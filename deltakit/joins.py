@@ -138,12 +138,16 @@ class Site:
         params = dict(module.named_parameters())
         deltas: dict = {}
         for e in entries:
-            for n, d in e.module.weights().items():
-                d = _gated(e, d).to(params[n].dtype)
+            for n, d in reparam_deltas(e, params).items():
+                d = d.to(params[n].dtype)
                 deltas[n] = deltas[n] + d if n in deltas else d
-        if self.fast:   # f(x; p + d) = f(x; p) + f(x; d): no cancellation, exact in bf16
+        values = any(hasattr(e.module, "values") for e in entries)
+        if self.fast and not values:   # f(x; p + d) = f(x; p) + f(x; d): one cheap call, no cancellation
             zeros = {n: torch.zeros_like(p) for n, p in params.items() if n not in deltas and "deltakit" not in n}
             return _on_tensor(out, lambda o: o + forward_with(module, {**zeros, **deltas}, args, kwargs))
+        if values and all(e.module.gate is None for e in entries) and len(entries) == 1:
+            replaced = {n: v.to(params[n].dtype) for n, v in entries[0].module.values().items()}
+            return forward_with(module, replaced, args, kwargs)   # exact replacement
         return forward_with(module, {n: params[n] + d for n, d in deltas.items()}, args, kwargs)
 
     def _add(self, active, x, out):
@@ -158,6 +162,14 @@ class Site:
                 cut = e.position.slice if e.position.kind == "linear" else None
                 total = total + _contribution(e, seq_in if cut is None else seq_in[..., cut[0]:cut[1]], out)
         return total
+
+
+def reparam_deltas(entry, params: dict) -> dict:
+    """A reparam delta's gated change to each parameter: `weights()` are deltas (LNFit), `values()`
+    are replacement values (full), whose delta is taken against the current parameters."""
+    if hasattr(entry.module, "values"):
+        return {n: _gated(entry, v - params[n]) for n, v in entry.module.values().items()}
+    return {n: _gated(entry, d) for n, d in entry.module.weights().items()}
 
 
 def _contribution(entry, x, out):
@@ -214,7 +226,8 @@ def weight_deltas(entry, model):
     cannot be folded (an adapter, or a bias delta on a module without a bias)."""
     target = _fold_target(entry, model)
     if entry.type.join == "reparam":
-        return {(target, n): _gated(entry, d.detach()) for n, d in entry.module.weights().items()}
+        params = dict(target.named_parameters())
+        return {(target, n): d.detach() for n, d in reparam_deltas(entry, params).items()}
     if not hasattr(entry.module, "merge_delta"):
         return None
     out = {}
@@ -254,6 +267,14 @@ def fold(entry, model, sign: int) -> bool:
         return False   # stays live: the hook applies it to this module only
     with torch.no_grad():
         for (module, name), delta in deltas.items():
-            param = module.get_parameter(name) if "." in name else getattr(module, name)
+            param = module.get_parameter(name)
+            if hasattr(entry.module, "values"):   # replacement values: keep the original to restore
+                stash = entry.__dict__.setdefault("stash", {})
+                if sign > 0:
+                    stash[name] = param.detach().clone()
+                    param.add_(delta.to(param.dtype))
+                else:
+                    param.copy_(stash.pop(name))
+                continue
             param.add_(sign * delta.to(param.dtype))
     return True

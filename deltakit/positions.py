@@ -187,16 +187,26 @@ def _num_params(module) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if "deltakit" not in n.split("."))
 
 
-def positions(model) -> list[Position]:
+class PositionTable(list):
+    """A list of Positions that prints as a table (in a terminal and in Jupyter)."""
+
+    def __str__(self):
+        head = f"{'name':<28} {'kind':<9} {'shape':<14} module"
+        return "\n".join([head] + [str(p) for p in self])
+
+    def _repr_pretty_(self, printer, cycle):   # IPython / Jupyter
+        printer.text(str(self))
+
+    def names(self) -> list[str]:
+        return [p.name for p in self]
+
+
+def positions(model) -> PositionTable:
     """The canonical position table of `model` (a generic table of raw names for unknown models)."""
     modules = backbone_modules(model)
     table = next((t for t in (_family_positions(f, modules) for f in FAMILIES) if t), None)
     table = table or _generic_positions(modules)
-    return [replace(p, params=_num_params(modules[p.path])) for p in table]
-
-
-def format_table(table) -> str:
-    return "\n".join(str(p) for p in table)
+    return PositionTable(replace(p, params=_num_params(modules[p.path])) for p in table)
 
 
 # ---- matching ----------------------------------------------------------------------------------

@@ -23,4 +23,4 @@ def test_speed_quick_runs_and_prints_ratios(tmp_path):
     for r in results.values():
         assert r["stats"]["train"]["deltakit"]["median"] > 0
         assert r["memory"]["deltakit"]["peak_over_model_mb"] > 0
-        assert max(r["merge_max_abs_diff"].values()) < 1e-3   # merging kept the outputs
+        assert max(r["merge_rel_diff"].values()) < 1e-4   # merging kept the outputs

@@ -35,10 +35,9 @@ def test_fast_path_equals_running_with_updated_weights():
     x = torch.randn(4, 64)
     h = deltakit.attach(model, "lnfit@norm; full@proj")
     for p in h.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+        torch.nn.init.normal_(p, std=0.1)   # full holds values, lnfit a delta
     lnfit, full = (e.module for e in h.entries)
     with torch.no_grad():
-        y = torch.nn.functional.linear(x, model.proj.weight + full.weights()["weight"],
-                                       model.proj.bias + full.weights()["bias"])
+        y = torch.nn.functional.linear(x, full.values()["weight"], full.values()["bias"])
         want = torch.nn.functional.layer_norm(y, (64,), model.norm.weight + lnfit.weight, model.norm.bias)
         assert torch.allclose(model(x), want, atol=1e-5)

@@ -1,6 +1,7 @@
-"""Full tuning of one module (a classification head, an embedding...) as a zero-initialised dense
-delta on each of its parameters: the module runs with params + delta. The backbone itself is never
-written to, so detach() restores it exactly; merge() folds the delta in."""
+"""Full tuning of one module (a classification head, an embedding...): a trainable copy of its
+parameters that the module runs with (PEFT's modules_to_save). The backbone itself is never written
+to, so detach() restores it exactly; the copy is saved as absolute values, so a checkpoint does not
+depend on how the backbone's (e.g. randomly initialised) head started."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,11 +21,11 @@ class Full(nn.Module):
     def __init__(self, target: nn.Module):
         super().__init__()
         # ParameterDict keys cannot hold dots: 'dense.weight' is stored as 'dense__weight'
-        self.delta = nn.ParameterDict({name.replace(".", "__"): nn.Parameter(torch.zeros(p.shape))
+        self.value = nn.ParameterDict({name.replace(".", "__"): nn.Parameter(p.detach().float().clone())
                                        for name, p in target.named_parameters() if "deltakit" not in name})
 
-    def weights(self):
-        return {key.replace("__", "."): value for key, value in self.delta.items()}
+    def values(self):
+        return {key.replace("__", "."): value for key, value in self.value.items()}
 
 
 def count(opts: Options, pos) -> int:
