@@ -1,14 +1,15 @@
 """Speed and memory of deltakit against PEFT: LoRA training steps and merged inference.
 
-    python -m benchmarks.speed                      # full run (about 5 min on a 2-core CPU)
+    python -m benchmarks.speed                      # full run (about 8 min on a 2-core CPU)
     python -m benchmarks.speed --quick              # tiny models, a smoke run of seconds
     python -m benchmarks.speed --device cuda --out speed.json
 
 Every comparison runs in one process on fresh copies of one backbone with the same batch, with the
-variants interleaved after a warm-up, so drift (thermal, other load) hits all of them alike. Ratios
-are medians of per-repetition paired ratios, which cancels most of that drift. Peak memory is
-measured for each (library, model) in its own process, so neither library inherits the other's
-allocator state.
+variants interleaved after a warm-up, so drift (other load, a noisy VM host) hits all of them alike.
+Ratios are medians of per-repetition paired ratios, which cancels most of that drift. Memory is
+measured for each (library, model) in its own process, so neither inherits the other's allocator
+state: peak RSS (CUDA: max_memory_allocated) over the built model, plus the exact bytes autograd
+saves for backward.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import transformers
+from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
+from transformers import CpmAntConfig, CpmAntForCausalLM, XLMRobertaConfig, XLMRobertaForSequenceClassification
 
 import deltakit
 
@@ -46,7 +49,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)   # PEFT reads a depre
 
 def build_e5(args):
     """multilingual-e5-small as a sequence classifier; real weights when the asset converts."""
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
     if not args.quick:
         try:
             from deltakit.assets import e5_small_path
@@ -62,7 +64,6 @@ def build_e5(args):
 
 def build_cpmant(args):
     """CPM-Ant at its real width (4096, 32x128 heads, FFN 10240) but few layers, to fit a small CPU."""
-    from transformers import CpmAntConfig, CpmAntForCausalLM
     shape = (dict(hidden_size=64, num_attention_heads=4, dim_head=16, dim_ff=128, num_hidden_layers=1, vocab_size=1000)
              if args.quick else
              dict(hidden_size=4096, num_attention_heads=32, dim_head=128, dim_ff=10240,
@@ -94,7 +95,6 @@ def with_lora(lib, model, key, fresh=True):
     torch.manual_seed(0)   # both libraries draw their LoRA init from the same RNG state
     if lib == "deltakit":
         return model, deltakit.attach(model, SPEC)
-    from peft import LoraConfig, get_peft_model
     wrapped = get_peft_model(model, LoraConfig(target_modules=PEFT_TARGETS[key], **PEFT_LORA))
     return wrapped, wrapped
 
@@ -168,7 +168,25 @@ def memory_child(conn, lib, key, args):
     for _ in range(3):   # step 1 allocates AdamW state; later steps show steady-state reuse
         train_step(model, opt, batch)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss("VmHWM:")
-    conn.send({"peak_over_model_mb": (peak - base) / 2**20, "model_mb": base / 2**20})
+    conn.send({"peak_over_model_mb": (peak - base) / 2**20, "model_mb": base / 2**20,
+               "saved_mb": saved_activations(model, batch) / 2**20})
+
+
+def saved_activations(model, batch) -> int:
+    """Bytes autograd keeps for backward in one training forward, weights excluded: exact and free of
+    allocator noise, where peak RSS moves by tens of MB from run to run."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return sum(kept.values())
 
 
 def measure_memory(lib, key, args) -> dict:
@@ -196,7 +214,7 @@ def bench_model(key, args) -> dict:
     models = {lib: with_lora(lib, bare, key) for lib in LIBS}
     counts = {lib: sum(p.numel() for p in trainable(m)) for lib, (m, _) in models.items()}
     assert counts["deltakit"] == counts["peft"], f"different LoRA sizes: {counts}"
-    reps = args.reps or (3 if args.quick else {"e5": 15, "cpmant": 10}[key])
+    reps = args.reps or (3 if args.quick else {"e5": 15, "cpmant": 14}[key])
     warmup = 1 if args.quick else 2
     out = {"label": label, "trainable": counts["deltakit"], "reps": reps, "times": {}}
     times = out["times"]
@@ -249,6 +267,8 @@ def summarize(results) -> list[tuple]:
             m = r["memory"]
             d, p = m["deltakit"]["peak_over_model_mb"], m["peft"]["peak_over_model_mb"]
             rows.append((key, "train peak memory MB: deltakit / PEFT", f"{d:.0f}", f"{p:.0f}", f"{d / p:.3f}"))
+            d, p = m["deltakit"]["saved_mb"], m["peft"]["saved_mb"]
+            rows.append((key, "train saved activations MB: deltakit / PEFT", f"{d:.1f}", f"{p:.1f}", f"{d / p:.3f}"))
     return rows
 
 
@@ -261,7 +281,7 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--cpm-layers", type=int, default=2)
     ap.add_argument("--cpm-batch", type=int, default=1)
-    ap.add_argument("--cpm-len", type=int, default=256)
+    ap.add_argument("--cpm-len", type=int, default=128)
     ap.add_argument("--cpm-dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's; --quick: 1)")
     ap.add_argument("--seed", type=int, default=0)

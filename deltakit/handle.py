@@ -99,18 +99,16 @@ def _input_grad_hook(model):
     if emb is None:
         return None
 
+    # transformers marks checkpointed layers with a `gradient_checkpointing` attribute; asking the
+    # model (`is_activation_checkpointing`) walks every module on each forward, so find them once.
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
     def hook(module, args, out):
-        if torch.is_grad_enabled() and _checkpointing(model) and not out.requires_grad:
+        if (torch.is_grad_enabled() and not out.requires_grad
+                and any(m.gradient_checkpointing for m in flagged)):
             out.requires_grad_(True)
 
     return emb.register_forward_hook(hook)
-
-
-def _checkpointing(model) -> bool:
-    flag = getattr(model, "is_activation_checkpointing", None)   # transformers >= 5
-    if flag is None:
-        flag = getattr(model, "is_gradient_checkpointing", False)
-    return bool(flag)
 
 
 def handles(model) -> dict:

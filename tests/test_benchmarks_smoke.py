@@ -17,7 +17,8 @@ def test_speed_quick_runs_and_prints_ratios(tmp_path):
     for model in ("e5", "cpmant"):
         rows = [line for line in proc.stdout.splitlines() if model in line]
         for what in ("train step: deltakit / PEFT", "infer merged / bare: deltakit",
-                     "infer merged / bare: PEFT", "train peak memory MB"):
+                     "infer merged / bare: PEFT", "train peak memory MB",
+                     "train saved activations MB"):
             assert any(what in line for line in rows), (model, what, proc.stdout)
     results = json.loads(out.read_text())["results"]
     for r in results.values():
