@@ -25,3 +25,17 @@ def test_speed_quick_runs_and_prints_ratios(tmp_path):
         assert r["stats"]["train"]["deltakit"]["median"] > 0
         assert r["memory"]["deltakit"]["peak_over_model_mb"] > 0
         assert max(r["merge_rel_diff"].values()) < 1e-4   # merging kept the outputs
+
+
+def test_cpmant_10b_benchmark_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "cpmant.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpmant_10b", "--config", "tiny", "--device", "cpu",
+                           "--dtype", "float32", "--seq", "16", "--batch", "1,2", "--steps", "1", "--reps", "2",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["runs"]] == [1, 2]
+    for r in report["runs"]:
+        assert r["trainable"] == {"deltakit": 2048, "peft": 2048}   # 2 layers x q,v x r=8 x (32 + 32)
+        assert abs(r["last_loss"]["deltakit"] - r["last_loss"]["peft"]) < 1e-3
