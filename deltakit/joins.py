@@ -237,6 +237,8 @@ def weight_deltas(entry, model):
         if not isinstance(param, torch.Tensor):
             return None
         delta = _gated(entry, delta.detach())
+        if name == "weight":   # a module computing x (scale * W)^T (native CPM-Ant) stores delta / scale
+            delta = delta / getattr(target, "weight_scale", 1.0)
         conv1d = is_linear(target) and not isinstance(target, nn.Linear) and name == "weight"
         if conv1d:   # HF Conv1D stores (in, out)
             delta = delta.t()
