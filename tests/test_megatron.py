@@ -90,6 +90,14 @@ def test_missing_shard(tmp_path):
         mg.load_merged(path, RULES)
 
 
+def test_damaged_shard(tmp_path):
+    path = _write(tmp_path, shards_of(reference(), 2))
+    shard = path / "100" / "mp_rank_01_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="mp_rank_01_model_states.pt could not be read"):
+        mg.load_merged(path, RULES)
+
+
 def test_inconsistent_replicated_tensor(tmp_path):
     ranks = shards_of(reference(), 2)
     ranks[1]["a.norm"] = ranks[1]["a.norm"] + 1e-3

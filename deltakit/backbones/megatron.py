@@ -106,6 +106,8 @@ def load_file(path: Path) -> dict:
             "with torch.load(weights_only=True) and never unpickles arbitrary objects. If you trust the file, "
             "re-save only its weights once: sd = torch.load(f, weights_only=False); "
             "torch.save({'module': sd['module']}, f)") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} could not be read as a torch checkpoint ({e}); is the file complete?") from e
 
 
 def _state_dict(blob, path: Path) -> dict:
