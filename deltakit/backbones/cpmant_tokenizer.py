@@ -1,114 +1,142 @@
-"""The CPM-Ant tokenizer, as CPM-Live's `CPMAntTokenizer` works: jieba splits the text into words
-(HMM on), then each word is cut greedily into the longest vocabulary entries from its left (no '##'
-continuation marks); a character in no entry becomes <unk>. Newline and space are the tokens `</n>`
-and `</_>`. The vocab file has one token per line, id = line number (`vocabs/ant.txt`, 30,720 lines).
+"""The CPM-Ant tokenizer, working as CPM-Live's `CPMAntTokenizer` (cpm-ant branch) does:
+
+1. jieba cuts the text into words (precise mode, HMM on);
+2. each word is cut greedily from its left into the longest vocabulary entries (no '##' marks, so a
+   token never spans two jieba words); a character that starts no entry becomes <unk>, and a word
+   of more than 200 characters becomes a single <unk>;
+3. space and newline are the vocab entries `</_>` and `</n>`; jieba always yields them as words
+   of their own, and `decode` turns them back into ' ' and '\\n'.
+
+The vocab (`vocabs/ant.txt`, 30,720 entries) is plain text, one token per line; as in CPM-Live, lines
+are stripped and blank ones skipped, so the id is the line index for a file without blank lines.
+Unlike CPM-Live, `tokenize` spells space and newline as `</_>` and `</n>` (the vocab's own strings);
+the ids are the same.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from ..errors import DeltakitError
 
-SPECIALS = {"pad": "<pad>", "unk": "<unk>", "mask": "<mask>", "sep": "<sep>", "bos": "<s>", "eos": "</s>",
-            "newline": "</n>", "space": "</_>"}
-_TEXT = {"\n": "</n>", " ": "</_>"}   # characters the vocab spells as tokens
+SPECIALS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<d>", "</d>")
+_TEXT = {"</_>": " ", "</n>": "\n"}   # vocab spelling -> the character jieba yields
+MAX_WORD = 200                        # CPM-Live's max_input_chars_per_word
+
+
+def _special(token: str) -> property:
+    return property(lambda self: self.encoder[token], doc=f"id of {token}")
 
 
 class CPMAntTokenizer:
+    pad_id, unk_id, mask_id, sep_id = map(_special, ("<pad>", "<unk>", "<mask>", "<sep>"))
+    bos_id, eos_id, bod_id, eod_id = map(_special, ("<s>", "</s>", "<d>", "</d>"))
+    newline_id, space_id = map(_special, ("</n>", "</_>"))
+
     def __init__(self, vocab_file, hmm: bool = True):
-        path = Path(vocab_file)
-        if not path.is_file():
-            raise DeltakitError(f"CPM-Ant vocab file not found: {path} (one token per line, e.g. CPM-Live's vocabs/ant.txt)")
-        tokens = path.read_text(encoding="utf-8").split("\n")
-        if tokens and tokens[-1] == "":
-            tokens.pop()
-        self.encoder: dict[str, int] = {}
-        for i, tok in enumerate(tokens):
-            if tok in self.encoder:
-                raise DeltakitError(f"{path}: token {tok!r} appears twice, on lines {self.encoder[tok] + 1} and {i + 1}")
-            self.encoder[tok] = i
-        missing = [t for t in SPECIALS.values() if t not in self.encoder]
-        if missing:
-            raise DeltakitError(f"{path} lacks the special tokens {missing}; a CPM-Ant vocab has {list(SPECIALS.values())}")
-        self.decoder = tokens
-        self.max_len = max(map(len, tokens))
-        self.hmm = hmm
-        for name, tok in SPECIALS.items():
-            setattr(self, f"{name}_id", self.encoder[tok])
+        try:
+            import jieba
+        except ImportError:
+            raise DeltakitError("the CPM-Ant tokenizer needs jieba: pip install jieba "
+                                "(or pip install deltakit[cpm])") from None
+        jieba.setLogLevel(logging.WARNING)   # no "Building prefix dict" chatter on first cut
+        self._cut, self.hmm = jieba.cut, hmm
+        self.decoder = _load_vocab(Path(vocab_file))
+        self.encoder = {tok: i for i, tok in enumerate(self.decoder)}
+        # what the greedy match looks up: jieba's ' ' and '\n' stand for </_> and </n>
+        self._match = {_TEXT.get(tok, tok): i for tok, i in self.encoder.items()}
+        self._longest = max(map(len, self._match))
 
     @property
     def vocab_size(self) -> int:
         return len(self.decoder)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.decoder)
 
-    def _words(self, text: str):
-        try:
-            import jieba
-        except ImportError:
-            raise DeltakitError("the CPM-Ant tokenizer needs jieba: pip install jieba (or deltakit[cpm])") from None
-        import logging
-        jieba.setLogLevel(logging.WARNING)   # no "Building prefix dict" chatter
-        return jieba.cut(text, HMM=self.hmm)
-
-    def _greedy(self, word: str) -> list[str]:
-        out, i = [], 0
-        while i < len(word):
-            for j in range(min(len(word), i + self.max_len), i, -1):   # longest match first
-                if word[i:j] in self.encoder:
-                    out.append(word[i:j])
-                    i = j
+    def _word_ids(self, word: str) -> list[int]:
+        if len(word) > MAX_WORD:
+            return [self.unk_id]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(min(len(word), start + self._longest), start, -1):   # longest first
+                if word[start:end] in self._match:
+                    ids.append(self._match[word[start:end]])
+                    start = end
                     break
             else:
-                out.append(SPECIALS["unk"])
-                i += 1
-        return out
-
-    def tokenize(self, text: str) -> list[str]:
-        out = []
-        for word in self._words(text):
-            for piece in _split_keep(word, _TEXT):
-                out += [_TEXT[piece]] if piece in _TEXT else self._greedy(piece)
-        return out
+                ids.append(self.unk_id)
+                start += 1
+        return ids
 
     def encode(self, text: str) -> list[int]:
-        return self.convert_tokens_to_ids(self.tokenize(text))
+        """Token ids of `text`, without <s> or </s>."""
+        return [i for word in self._cut(text, HMM=self.hmm) for i in self._word_ids(word)]
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.convert_ids_to_tokens(self.encode(text))
 
     def decode(self, ids) -> str:
-        back = {v: k for k, v in _TEXT.items()}
-        tokens = self.convert_ids_to_tokens([int(i) for i in ids if int(i) != self.pad_id])
-        return "".join(back.get(t, t) for t in tokens)
+        """Text of `ids` (list or tensor); <pad> and negative ids are dropped, other specials kept."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        tokens = self.convert_ids_to_tokens([i for i in ids if i >= 0 and i != self.pad_id])
+        return "".join(_TEXT.get(t, t) for t in tokens)
 
-    def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]:
-        return [self.encoder.get(t, self.unk_id) for t in tokens]
+    def convert_tokens_to_ids(self, tokens) -> list[int]:
+        """Vocab strings to ids; ' ' and '\\n' are accepted for </_> and </n>, anything else is <unk>."""
+        return [self.encoder.get(t, self._match.get(t, self.unk_id)) for t in tokens]
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        return [self.decoder[i] for i in ids]
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        bad = [i for i in ids if i >= len(self.decoder)]
+        if bad:
+            raise DeltakitError(f"token ids {bad[:5]} are out of range: this vocab has {len(self)} tokens")
+        return [self.decoder[i] if i >= 0 else "<unk>" for i in ids]   # negative -> <unk>, as CPM-Live
 
-    def __call__(self, texts: list[str], max_length: int | None = None, add_bos: bool = True,
-                 add_eos: bool = False) -> dict:
-        """A right-padded batch: `input_ids` (B, L) and `length` (B,), what the native model takes."""
-        rows = []
-        for text in texts:
-            ids = ([self.bos_id] if add_bos else []) + self.encode(text) + ([self.eos_id] if add_eos else [])
-            rows.append(ids[:max_length] if max_length else ids)
-        width = max(map(len, rows))
+    def __call__(self, texts, max_length: int | None = None, padding: str = "longest",
+                 add_bos: bool = True, add_eos: bool = False) -> dict[str, torch.Tensor]:
+        """A batch for the native model: `input_ids` (B, L) padded on the right with <pad>, and
+        `length` (B,). <s> is added by default, as CPM-Live's generation does. `max_length` cuts the
+        text, not the added <s>/</s>; padding="max_length" pads every row to `max_length`."""
+        if padding not in ("longest", "max_length"):
+            raise DeltakitError(f"padding={padding!r}: use 'longest' or 'max_length'")
+        if padding == "max_length" and max_length is None:
+            raise DeltakitError("padding='max_length' needs max_length")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        head, tail = [self.bos_id] * add_bos, [self.eos_id] * add_eos
+        room = None if max_length is None else max_length - len(head) - len(tail)
+        if room is not None and room < 0:
+            raise DeltakitError(f"max_length={max_length} leaves no room for <s>/</s>")
+        rows = [head + self.encode(t)[:room] + tail for t in texts]
+        width = max_length if padding == "max_length" else max(map(len, rows), default=0)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         for b, ids in enumerate(rows):
             input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return {"input_ids": input_ids, "length": torch.tensor([len(r) for r in rows])}
+        return {"input_ids": input_ids, "length": torch.tensor([len(r) for r in rows], dtype=torch.long)}
 
 
-def _split_keep(word: str, seps) -> list[str]:
-    """Split a word at the characters in `seps`, keeping them as pieces of their own."""
-    out, cur = [], ""
-    for ch in word:
-        if ch in seps:
-            out += [cur, ch] if cur else [ch]
-            cur = ""
-        else:
-            cur += ch
-    return out + [cur] if cur else out
+def _load_vocab(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DeltakitError(f"CPM-Ant vocab file not found: {path} (one token per line, as CPM-Live's "
+                            "cpm_live/vocabs/ant.txt)")
+    try:
+        with path.open(encoding="utf-8") as f:   # universal newlines, as CPM-Live's readlines()
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise DeltakitError(f"{path} is not UTF-8 text ({e}); a CPM-Ant vocab is") from None
+    tokens, line_of = [], {}
+    for n, line in enumerate(lines, 1):
+        tok = line.strip()
+        if not tok:
+            continue
+        if tok in line_of:
+            raise DeltakitError(f"{path}: token {tok!r} appears twice, on lines {line_of[tok]} and {n}; "
+                                "every token needs a line of its own")
+        line_of[tok] = n
+        tokens.append(tok)
+    missing = [t for t in SPECIALS if t not in line_of]
+    if missing:
+        raise DeltakitError(f"{path} lacks the special tokens {', '.join(missing)}; "
+                            f"a CPM-Ant vocab has all of {', '.join(SPECIALS)}")
+    return tokens
