@@ -28,14 +28,17 @@ import deltakit
 from deltakit.backbones import cpmant
 
 SPEC = "lora(r=8,alpha=16)@attn.q,attn.v"
+# --libs names: PEFT's LoRA, or a deltakit spec (LoRA as above; prefix and prompt deltas through the
+# native model's own key/value path and prompt rows, which PEFT cannot reach on this model).
+DELTAKIT = {"deltakit": SPEC, "prefix": "prefix(n=32)@attn", "prompt": "prompt@prompt"}
 warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
 def attach(lib, model):
     """(model to call, remove()) for one library's LoRA on `model`."""
     torch.manual_seed(0)
-    if lib == "deltakit":
-        h = deltakit.attach(model, SPEC)
+    if lib in DELTAKIT:
+        h = deltakit.attach(model, DELTAKIT[lib])
         return model, [p for p in h.parameters()], h.detach
     from peft import LoraConfig, get_peft_model
     wrapped = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["project_q", "project_v"]))
@@ -134,7 +137,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per library per repetition")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
-    ap.add_argument("--libs", default="deltakit,peft")
+    ap.add_argument("--libs", default="deltakit,peft", help=f"peft and/or {', '.join(DELTAKIT)}")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

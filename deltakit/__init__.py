@@ -1,4 +1,4 @@
-"""deltakit: put parameter-efficient deltas (LoRA, adapters, BitFit, LNFit, ...) at any position
+"""deltakit: put parameter-efficient deltas (LoRA, adapters, prefixes, prompts, hypernetworks, BitFit, ...) at any position
 of a frozen pretrained model, first of all the CPM family, and search where they should go.
 
     import deltakit
@@ -9,7 +9,7 @@ from .checkpoint import load
 from .deltas import TYPES as delta_types, DeltaType, register
 from .errors import (CheckpointError, DeltakitError, HandleError, KindError, OptionError, PatternError,
                      SpecError, UnknownDeltaType)
-from .handle import Handle, Planned, attach, get, handles, plan
+from .handle import Handle, Plan, Planned, SharedPlan, attach, get, handles, plan
 from .positions import Position, positions
 
 __version__ = "0.1.0"
@@ -22,5 +22,5 @@ def show(model, **kwargs):
 
 
 __all__ = ["attach", "load", "plan", "positions", "show", "get", "handles", "register", "delta_types",
-           "Handle", "Planned", "Position", "DeltaType", "DeltakitError", "SpecError", "UnknownDeltaType",
+           "Handle", "Plan", "Planned", "SharedPlan", "Position", "DeltaType", "DeltakitError", "SpecError", "UnknownDeltaType",
            "OptionError", "PatternError", "KindError", "CheckpointError", "HandleError"]

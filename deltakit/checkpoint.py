@@ -72,6 +72,8 @@ def describe(handle) -> dict:
         "entries": [{"key": e.key, "position": e.position.name, "path": e.position.path, "type": e.type.name,
                      "options": dataclasses.asdict(e.options), "shape": list(e.position.shape),
                      "num_params": e.num_params} for e in handle.entries],
+        "shared": [{"rule": rule, "type": m.plan.type.name, "num_params": sum(p.numel() for p in m.parameters())}
+                   for rule, m in handle.shared.items()],
         "fingerprint": fingerprint(handle.model, handle.entries),
         "versions": _versions(),
     }

@@ -154,7 +154,8 @@ CPMANT = Family(
         "ffn.out": "ffn.ffn.w_out",
         "ln.ffn": "ffn.layernorm_before_ffn",
     },
-    top={"embed": "input_embedding", "ln.final": "encoder.output_layernorm", "head": "lm_head"},
+    top={"embed": "input_embedding", "prompt": "prompt_embedding",   # prompt rows: native model only
+         "ln.final": "encoder.output_layernorm", "head": "lm_head"},
 )
 
 FAMILIES = [CPMANT, T5, LLAMA, GPT2, BERT]

@@ -31,10 +31,33 @@ class Planned:
         return f"{self.position.name}.{self.type.name}"
 
 
-def plan(model, spec: str, table: list | None = None) -> list[Planned]:
-    """Resolve a spec against a model without building anything (counts are known up front)."""
+@dataclass(frozen=True)
+class SharedPlan:
+    """Parameters one rule shares across its positions (a hypernetwork), counted once."""
+    type: object
+    options: object
+    positions: tuple
+    num_params: int
+    rule: str
+
+
+class Plan(list):
+    """The Planned deltas, plus `shared`: rule text -> SharedPlan. `num_params` counts both."""
+
+    def __init__(self, items=(), shared=None):
+        super().__init__(items)
+        self.shared: dict[str, SharedPlan] = dict(shared or {})
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.num_params for p in self) + sum(s.num_params for s in self.shared.values())
+
+
+def plan(model, spec: str, table: list | None = None) -> Plan:
+    """Resolve a spec against a model without building anything (counts are known up front).
+    Shared parameters (hypernetworks) are in `.shared`, once per rule; `.num_params` is the total."""
     table = positions(model) if table is None else table
-    planned, seen = [], {}
+    planned, seen = Plan(), {}
     for rule in specs.parse(spec):
         if rule.type not in TYPES:
             raise specs.unknown_type(rule.type, TYPES)
@@ -66,6 +89,9 @@ def plan(model, spec: str, table: list | None = None) -> list[Planned]:
                     continue
                 seen[item.key] = item
                 planned.append(item)
+        if dtype.shared is not None:
+            where = tuple(p.position for p in planned if p.rule == rule.text)
+            planned.shared[rule.text] = SharedPlan(dtype, opts, where, dtype.shared_count(opts, where), rule.text)
     return planned
 
 
@@ -152,31 +178,63 @@ class Handle:
         self.model, self.name, self.spec = model, name, spec
         self.enabled = True
         self.entries: list[joins.Entry] = []
+        self.shared: dict[str, nn.Module] = {}   # rule text -> its shared module (hypernetwork)
         try:
+            for i, (rule, sp) in enumerate(getattr(planned, "shared", {}).items()):
+                self.shared[rule] = self._build_shared(i, sp, dtype)
             for item in planned:
                 self.entries.append(self._build(item, dtype))
         except BaseException:
             self._remove_entries()
             raise
 
-    def _build(self, item: Planned, dtype):
-        pos = item.position
-        target = joins.submodule(self.model, pos.path)
+    @staticmethod
+    def _device_dtype(target, dtype):
         ref = next(iter(target.parameters()), None)
         device = ref.device if ref is not None else torch.device("cpu")
         if dtype is None:
             dtype = torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32
-        with torch.device(device):   # on the meta device a 10B plan costs no memory
-            module = item.type.build(item.options, pos, target).to(dtype)
-        module.train(target.training)   # an eval() model must not get deltas with dropout on
-        module.gate = None
+        return device, dtype
+
+    @staticmethod
+    def _holder(target) -> nn.ModuleDict:
         holder = target._modules.get("deltakit")
         if holder is None:
             holder = nn.ModuleDict()
             target.add_module("deltakit", holder)
-        holder[f"{self.name}-{item.type.name}-{pos.local.replace('.', '_')}"] = module
+        return holder
+
+    def _build_shared(self, index: int, sp: SharedPlan, dtype):
+        """A rule's shared module lives in the model's top-level `deltakit` holder."""
+        device, dtype = self._device_dtype(self.model, dtype)
+        with torch.device(device):
+            module = sp.type.shared(sp.options, sp.positions).to(dtype)
+        module.train(self.model.training)
+        self._holder(self.model)[f"{self.name}-shared-{index}"] = module
+        module.plan = sp
+        return module
+
+    def _build(self, item: Planned, dtype):
+        pos = item.position
+        target = joins.submodule(self.model, pos.path)
+        device, dtype = self._device_dtype(target, dtype)
+        extra = {"shared": self.shared[item.rule]} if item.type.shared is not None else {}
+        with torch.device(device):   # on the meta device a 10B plan costs no memory
+            module = item.type.build(item.options, pos, target, **extra).to(dtype)
+        module.train(target.training)   # an eval() model must not get deltas with dropout on
+        module.gate = None
+        holder = self._holder(target)
+        slot = f"{self.name}-{item.type.name}-{pos.local.replace('.', '_')}"
+        holder[slot] = module
         entry = joins.Entry(self, pos, item.type, item.options, module, item.key)
-        joins.install(entry, self.model)
+        entry.rule = item.rule
+        try:
+            joins.install(entry, self.model)
+        except BaseException:
+            del holder[slot]
+            if not len(holder):
+                del target._modules["deltakit"]
+            raise
         return entry
 
     # -- inspection --------------------------------------------------------------------------
@@ -184,6 +242,9 @@ class Handle:
         for e in self.entries:
             for n, p in e.module.named_parameters():
                 yield f"{e.key}.{n}", p
+        for i, module in enumerate(self.shared.values()):   # shared parameters: once
+            for n, p in module.named_parameters():
+                yield f"shared.{i}.{n}", p
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
@@ -265,6 +326,42 @@ class Handle:
                 joins.fold(e, self.model, -1)
                 e.merged = False
 
+    # -- tasks (hypernetwork deltas) ---------------------------------------------------------
+    def set_task(self, ids):
+        """Which task the hypernetworks generate deltas for: one int, or a (batch,) tensor of task ids
+        (one per example, so a batch may mix tasks)."""
+        nets = [m for m in self.shared.values() if hasattr(m, "set_task")]
+        if not nets:
+            raise HandleError(f"handle {self.name!r} has no task-conditioned deltas (hyper(...)); set_task() does not apply")
+        for m in nets:
+            m.set_task(ids)
+
+    def materialize(self, task: int = 0, name: str | None = None, keep: bool = False) -> "Handle":
+        """Plain deltas (adapter/LoRA/prefix) holding the weights the hypernetworks generate for `task`;
+        other deltas of this handle are copied as they are. This handle is detached first (keep=True
+        leaves it attached but disabled). Returns the new handle (merge, save, export it as usual)."""
+        from .spec import format_options
+        groups: dict = {}
+        weights: dict = {}
+        for e in self.entries:
+            if hasattr(e.module, "materialize"):
+                tname, opts = e.module.plain()
+                tensors = e.module.materialize(task)
+            else:
+                tname, opts = e.type.name, format_options(e.options)
+                tensors = {n: p.detach().clone() for n, p in e.module.named_parameters()}
+            groups.setdefault((tname, opts), []).append(e.position.name)
+            weights.update({f"{e.position.name}.{tname}.{n}": t for n, t in tensors.items()})
+        spec = "; ".join(f"{t}({o})@{','.join(where)}" if o else f"{t}@{','.join(where)}"
+                         for (t, o), where in groups.items())
+        if keep:
+            self.enabled = False
+        else:
+            self.detach()
+        plain = attach(self.model, spec, name=name or (self.name if not keep else f"{self.name}_task{task}"))
+        plain.load_state_dict(weights)
+        return plain
+
     # -- saving ------------------------------------------------------------------------------
     def save(self, path, format: str = "deltakit"):
         from . import checkpoint
@@ -295,6 +392,14 @@ class Handle:
             del _STATES[self.model]
 
     def _remove_entries(self):
+        holder = self.model._modules.get("deltakit")
+        for module in self.shared.values():
+            if holder is not None:
+                for key in [k for k, m in holder.items() if m is module]:
+                    del holder[key]
+        if holder is not None and not len(holder):
+            del self.model._modules["deltakit"]
+        self.shared = {}
         for e in self.entries:
             joins.uninstall(e)
             target = joins.submodule(self.model, e.position.path)

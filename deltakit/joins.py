@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention_joins
 from .positions import is_linear
 
 
@@ -18,6 +19,7 @@ class Entry:
     def __init__(self, handle, position, delta_type, options, module, key: str):
         self.handle, self.position, self.type, self.options = handle, position, delta_type, options
         self.module, self.key = module, key
+        self.join = delta_type.join_at(options, position)   # parallel | sequential | reparam | prefix | embed
         self.hooks: list = []
         self.merged = False
         self._inputs: list = []   # parallel deltas on sub-blocks: inputs seen by `pos.inp`
@@ -129,7 +131,7 @@ class Site:
         active = [e for e in self.entries if e.active]
         if not active:
             return None
-        reparam = [e for e in active if e.type.join == "reparam"]
+        reparam = [e for e in active if e.join == "reparam"]
         if reparam:
             out = self._reparam(module, reparam, args, kwargs, out)
         return _on_tensor(out, lambda o: self._add(active, _first(args, kwargs), o))
@@ -153,12 +155,12 @@ class Site:
     def _add(self, active, x, out):
         total = out
         for e in active:
-            if e.type.join == "parallel":
+            if e.join == "parallel":
                 inp = e._inputs.pop() if e.position.kind in ("attention", "block") else x
                 total = total + _contribution(e, inp, out)
         seq_in = total
         for e in active:
-            if e.type.join == "sequential":
+            if e.join == "sequential":
                 cut = e.position.slice if e.position.kind == "linear" else None
                 total = total + _contribution(e, seq_in if cut is None else seq_in[..., cut[0]:cut[1]], out)
         return total
@@ -189,19 +191,26 @@ def _site(module) -> Site:
 def install(entry, model):
     pos = entry.position
     sub_block = pos.kind in ("attention", "block")
-    if entry.type.join not in ("parallel", "sequential", "reparam"):
-        raise NotImplementedError(f"join {entry.type.join!r} of delta type {entry.type.name!r} is not supported yet")
-    if entry.type.join == "parallel" and sub_block:   # needs the sub-block's input, seen by `pos.inp`
+    if entry.join == "prefix":
+        return attention_joins.install_prefix(entry, submodule(model, pos.path))
+    if entry.join == "embed":
+        return attention_joins.install_prompt(entry, model)
+    if entry.join not in ("parallel", "sequential", "reparam"):
+        raise NotImplementedError(f"join {entry.join!r} of delta type {entry.type.name!r} is not supported")
+    if entry.join == "parallel" and sub_block:   # needs the sub-block's input, seen by `pos.inp`
         def remember(module, args, kwargs):
             if entry.active:
                 entry._inputs.append(_first(args, kwargs))
         entry.hooks.append(submodule(model, pos.inp).register_forward_pre_hook(remember, with_kwargs=True))
-    target = submodule(model, pos.out if sub_block and entry.type.join != "reparam" else pos.path)
+    target = submodule(model, pos.out if sub_block and entry.join != "reparam" else pos.path)
     _site(target).entries.append(entry)
     entry.site_module = target
 
 
 def uninstall(entry):
+    if entry.join in ("prefix", "embed"):
+        undo = attention_joins.uninstall_prefix if entry.join == "prefix" else attention_joins.uninstall_prompt
+        return undo(entry, entry.site_module)
     for h in entry.hooks:
         h.remove()
     entry.hooks.clear()
@@ -225,7 +234,9 @@ def weight_deltas(entry, model):
     """{(module, param name): delta in that parameter's own layout and slice}, or None when the delta
     cannot be folded (an adapter, or a bias delta on a module without a bias)."""
     target = _fold_target(entry, model)
-    if entry.type.join == "reparam":
+    if entry.join in ("prefix", "embed"):
+        return None   # prefixes and prompts never fold into weights
+    if entry.join == "reparam":
         params = dict(target.named_parameters())
         return {(target, n): d.detach() for n, d in reparam_deltas(entry, params).items()}
     if not hasattr(entry.module, "merge_delta"):

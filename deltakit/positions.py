@@ -31,6 +31,7 @@ class Position:
     inp: str | None = None      # sub-blocks: module whose input is the sub-block input
     out: str | None = None      # sub-blocks: module whose output is the residual branch
     params: int = 0             # parameters of the module at `path` (what `full` would tune)
+    kv: int | None = None       # attention sub-blocks: width of the projected keys (what a prefix needs)
 
     def __str__(self):
         return f"{self.name:<28} {self.kind:<9} {str(self.shape):<14} {self.path}"
@@ -85,7 +86,7 @@ def _kind_of(local: str, module) -> str:
         return "block"
     if local.startswith("ln."):
         return "norm"
-    if local == "embed":
+    if local in ("embed", "prompt"):   # `prompt`: a native prompt table (CPM-Ant's prompt_embedding)
         return "embed"
     return module_kind(module)
 
@@ -130,8 +131,10 @@ def _layer_positions(family: Family, stack: str, prefix: str, index: int, module
         if module_path not in modules:
             continue
         dim = found[entry.out].shape[1]
+        keys = found.get(f"{local}.k")   # attn -> attn.k, cross -> cross.k
         found[local] = Position(head + local, module_path, _kind_of(local, None), (dim,), local, stack or None,
-                                index, None, found[entry.inp].path, found[entry.out].path)
+                                index, None, found[entry.inp].path, found[entry.out].path,
+                                kv=keys.shape[1] if keys is not None else None)
     order = list(table)
     return sorted(found.values(), key=lambda p: order.index(p.local))
 
@@ -161,7 +164,11 @@ def _family_positions(family: Family, modules: dict) -> list:
                 module = modules[path]
                 stack = name.split(".")[0] if name.split(".")[0] in family.stacks and "." in name else None
                 local = name[len(stack) + 1:] if stack else name
-                out.append(Position(name, path, _kind_of(local, module), module_shape(module), local, stack))
+                kind = _kind_of(local, module)
+                shape = module_shape(module)
+                if kind == "embed" and not shape and hasattr(module, "weight"):   # an embedding that is not nn.Embedding
+                    shape = tuple(module.weight.shape)
+                out.append(Position(name, path, kind, shape, local, stack))
                 break
     return out
 

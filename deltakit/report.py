@@ -32,6 +32,10 @@ def summary_rows(handle) -> list[tuple]:
         if stack:
             where = f"{stack}.{where}"
         rows.append((where, tname, opts, len(layers), each, each * len(layers)))
+    for module in handle.shared.values():   # a hypernetwork: counted once, for all its positions
+        sp = module.plan
+        n = sum(p.numel() for p in module.parameters())
+        rows.append((f"shared by {len(sp.positions)} positions", sp.type.name, format_options(sp.options), 1, n, n))
     return rows
 
 

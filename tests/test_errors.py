@@ -63,7 +63,8 @@ def test_unknown_type_suggests_the_nearest():
     msg = plan_error("lorra@attn.q", UnknownDeltaType)
     assert "'lorra'" in msg
     assert "Did you mean: lora?" in msg
-    assert "Known types: adapter, bitfit, full, lnfit, lora, lowrank_adapter, parallel_adapter" in msg
+    assert ("Known types: adapter, bitfit, full, hyper, lnfit, lora, lowrank_adapter, parallel_adapter, prefix, "
+            "prompt") in msg
 
 
 def test_unknown_type_with_nothing_close_lists_the_known_ones():

@@ -11,13 +11,21 @@ The protocol (what the engine in `deltakit/joins.py` relies on):
     - "parallel":   out += delta(x), x the input of the position (for a sub-block, of `pos.inp`);
     - "sequential": out += delta(out), out the output of the position (for a sub-block, of `pos.out`);
     - "reparam":    the module runs with params + delta.weights() (a dict name -> delta tensor);
-    - "prefix", "embed": reserved for attention key/value prefixes and input embeddings.
+    - "prefix":     module(batch) -> (keys, values), each (batch or 1, n, key width), that every
+                    query of the attention module at `pos.path` sees (deltakit/attention_joins.py);
+    - "embed":      module(batch) -> (batch, n, dim) vectors inserted before the input.
+  `TYPE.join_of(opts, pos)`, when given, picks the join per position instead (a prompt on native
+  prompt rows is a reparam; a hypernetwork joins as the delta it generates).
   A parallel or sequential delta that can be folded into the weights defines
   `merge_delta() -> {param name: delta}` in nn.Linear layout; reparam deltas always fold.
 * Every delta instance has a `gate` attribute (None = 1) that the engine multiplies into its
   contribution; the S3PET search sets it, normal use leaves it alone.
-* Weights a shared module generates (hypernetwork deltas) are fine: nothing assumes a delta owns
-  its tensors.
+* Shared parameters (hypernetwork deltas): `TYPE.shared(opts, positions)` builds one module for
+  all positions one rule places, and `TYPE.shared_count(opts, positions)` counts its parameters,
+  known before building. The engine builds it once per rule and passes it as
+  `build(opts, pos, target, shared=...)`; `count(opts, pos)` is then only what each position adds on
+  its own, so plan/handle totals count shared parameters exactly once (`Plan.shared`). A delta
+  module must not register the shared module as a submodule (keep it in `__dict__`).
 """
 from __future__ import annotations
 
@@ -36,6 +44,12 @@ class DeltaType:
     default: str            # placement used when a rule has no '@'
     positional: str | None = None  # option that may be written without 'key=' first
     doc: str = ""
+    join_of: Callable | None = None    # (opts, pos) -> join, when it depends on the position/options
+    shared: Callable | None = None     # (opts, positions) -> one module shared by a rule's positions
+    shared_count: Callable | None = None   # (opts, positions) -> its parameter count
+
+    def join_at(self, opts, pos) -> str:
+        return self.join_of(opts, pos) if self.join_of else self.join
 
 
 TYPES: dict[str, DeltaType] = {}
@@ -48,8 +62,8 @@ def register(delta_type: DeltaType) -> DeltaType:
 
 
 def _register_builtins():
-    from . import adapter, bitfit, full, lnfit, lora, lowrank_adapter, parallel_adapter
-    for module in (lora, adapter, parallel_adapter, lowrank_adapter, bitfit, lnfit, full):
+    from . import adapter, bitfit, full, hyper, lnfit, lora, lowrank_adapter, parallel_adapter, prefix, prompt
+    for module in (lora, adapter, parallel_adapter, lowrank_adapter, bitfit, lnfit, full, prefix, prompt, hyper):
         register(module.TYPE)
 
 
