@@ -5,7 +5,15 @@ import torch
 
 from search.bilevel import first_order_grad, second_order_grad, virtual_adamw
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    # float64 for this module only: a module-level set_default_dtype would leak into every other test
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _problem(seed=0):
