@@ -233,6 +233,7 @@ class _PositionSite:
         self.entries = []
         self.sig = inspect.signature(self.stack.forward)
         self.hook = self.stack.register_forward_pre_hook(self, with_kwargs=True)
+        self.remove = self.hook.remove
 
     def __call__(self, module, args, kwargs):
         if not any(e.active for e in self.entries):
@@ -256,11 +257,8 @@ def _position_site(entry, add: bool):
             site = model.__dict__["_deltakit_position_site"] = _PositionSite(model)
         if site is not None:
             site.entries.append(entry)
-    elif site is not None:
-        site.entries = [e for e in site.entries if e is not entry]
-        if not site.entries:
-            site.hook.remove()
-            del model.__dict__["_deltakit_position_site"]
+    else:
+        leave_site(entry, model, "_deltakit_position_site")
 
 
 def install_prefix(entry, module):
@@ -277,16 +275,20 @@ def install_prefix(entry, module):
     _position_site(entry, add=True)
 
 
-def _leave(entry, module, attr: str):
-    """Take `entry` off the site stored at `module.<attr>`; the last one out removes the site."""
-    _position_site(entry, add=False)
-    site = module.__dict__.get(attr)
+def leave_site(entry, holder, attr: str):
+    """Take `entry` off the site stored at `holder.<attr>`; the last one out removes the site."""
+    site = holder.__dict__.get(attr) if holder is not None else None
     if site is None:
         return
     site.entries = [e for e in site.entries if e is not entry]
     if not site.entries:
         site.remove()
-        del module.__dict__[attr]
+        del holder.__dict__[attr]
+
+
+def _leave(entry, module, attr: str):
+    _position_site(entry, add=False)
+    leave_site(entry, module, attr)
 
 
 def uninstall_prefix(entry, module):

@@ -126,6 +126,7 @@ class Site:
         self.entries: list[Entry] = []
         self.fast = linear_in_params(module)
         self.hook = module.register_forward_hook(self, with_kwargs=True)
+        self.remove = self.hook.remove
 
     def __call__(self, module, args, kwargs, out):
         active = [e for e in self.entries if e.active]
@@ -215,13 +216,7 @@ def uninstall(entry):
         h.remove()
     entry.hooks.clear()
     entry._inputs.clear()
-    module = getattr(entry, "site_module", None)
-    site = module.__dict__.get("_deltakit_site") if module is not None else None
-    if site is not None:
-        site.entries = [e for e in site.entries if e is not entry]
-        if not site.entries:
-            site.hook.remove()
-            del module.__dict__["_deltakit_site"]
+    attention_joins.leave_site(entry, getattr(entry, "site_module", None), "_deltakit_site")
 
 
 # ---- folding into the weights ------------------------------------------------------------------
