@@ -90,11 +90,11 @@ class HyperNet(nn.Module):
             heads = nn.ModuleDict()
             for name, shape in shapes(opts, pos).items():
                 head = nn.Linear(opts.hidden, math.prod(shape))
-                if _zero_start(name):
-                    nn.init.zeros_(head.weight)
-                    nn.init.zeros_(head.bias)
-                elif name in ("key", "value"):
-                    nn.init.normal_(head.bias, std=0.5)
+                # Each column of a head is one basis tensor, drawn as the plain delta draws its own
+                # (std 1/sqrt(fan_in); up and B zero); prefix vectors get a spread to attend to.
+                std = 0.0 if _zero_start(name) or len(shape) == 1 else shape[-1] ** -0.5
+                nn.init.normal_(head.weight, std=std)
+                nn.init.normal_(head.bias, std=0.5 if name in ("key", "value") else 0.0)
                 heads[name.replace(".", "_")] = head
             self.heads[sig] = heads
         self.task = torch.zeros((), dtype=torch.long)
@@ -111,7 +111,11 @@ class HyperNet(nn.Module):
         ids = (self.task if task is None else torch.as_tensor(task)).to(source.device).reshape(-1)
         uniq, inverse = torch.unique(ids, return_inverse=True)
         src = torch.cat([self.task_embedding(uniq), source[None].expand(len(uniq), -1)], dim=-1)
-        h = self.mlp(src)
+        # ReLU features scaled to sum to one: each generated tensor is a convex mixture of `hidden`
+        # basis tensors (plus the head's bias). So one AdamW step moves it by at most lr per element,
+        # as it moves a plain delta; unscaled, a shared head moves every position ~hidden/2 times
+        # faster, and at a plain delta's learning rate the generated deltas swamp the backbone.
+        h = F.normalize(self.mlp(src), p=1, dim=-1, eps=1e-6)
         heads = self.heads[sig]
         if len(uniq) == 1:   # one task for the whole batch: one set of weights, applied as a plain delta
             inverse = inverse[:1]
