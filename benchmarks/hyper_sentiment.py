@@ -38,6 +38,7 @@ class Config:
     epochs: int = 1
     batch_size: int = 32
     lr: float = 2e-3
+    head_lr: float = 0.0            # the new classifier's (full@...) learning rate; 0: the same as lr
     seed: int = 0
     threads: int = 2
 
@@ -64,7 +65,11 @@ def run(cfg: Config) -> dict:
     handle = deltakit.attach(model, cfg.spec)
     hyper = bool(handle.shared)
     train = [(e, k) for k, t in enumerate(tasks) for e in data[t][0]]
-    optim = torch.optim.AdamW(handle.parameters(), lr=cfg.lr, weight_decay=0.01)
+    # prompt vectors want a larger step than a freshly initialised classifier can take
+    head = {id(p) for e in handle.entries if e.type.name == "full" for p in e.module.parameters()}
+    groups = [{"params": [p for p in handle.parameters() if id(p) not in head]},
+              {"params": [p for p in handle.parameters() if id(p) in head], "lr": cfg.head_lr or cfg.lr}]
+    optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     warm = max(1, int(0.06 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm + 1e-9))))

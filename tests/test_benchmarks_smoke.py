@@ -39,3 +39,19 @@ def test_cpmant_10b_benchmark_runs_tiny_on_cpu(tmp_path):
     for r in report["runs"]:
         assert r["trainable"] == {"deltakit": 2048, "peft": 2048}   # 2 layers x q,v x r=8 x (32 + 32)
         assert abs(r["last_loss"]["deltakit"] - r["last_loss"]["peft"]) < 1e-3
+
+
+def test_hyper_sentiment_two_tasks_runs_small():
+    """The issue-3 benchmark end to end on a sliver of the real data: one hypernetwork, two tasks in
+    every batch, a head learning rate of its own; the result names both tasks and their majorities."""
+    import deltakit
+    from benchmarks.hyper_sentiment import Config, run
+    from benchmarks.sentiment import load_model
+    from deltakit.assets import e5_small_path
+    spec = "hyper(adapter,dim=4,hidden=8,tasks=2)@attn; full@head"
+    r = run(Config(spec=spec, tasks="sentiment,length", n_train=48, n_test=32, max_length=16, batch_size=16,
+                   head_lr=1e-3, threads=1))
+    assert r["steps"] == 6 and r["tasks"] == ["sentiment", "length"]
+    for task in r["tasks"]:
+        assert 0 <= r[task]["accuracy"] <= 1 and 0.5 <= r[task]["majority"] <= 1
+    assert r["trainable"] == deltakit.plan(load_model(e5_small_path(), 0)[0], spec).num_params
