@@ -56,6 +56,15 @@ def encode(tokenizer, chunk, cfg):
                      padding=True, return_tensors="pt")
 
 
+def accuracy(model, tokenizer, test, cfg) -> float:
+    correct = 0
+    for i in range(0, len(test), 64):
+        chunk = [(e, None) for e in test[i:i + 64]]
+        pred = model(**encode(tokenizer, chunk, cfg)).logits.argmax(-1)
+        correct += (pred == torch.tensor([e.label for e, _ in chunk])).sum().item()
+    return correct / len(test)
+
+
 def run(cfg: Config) -> dict:
     torch.set_num_threads(cfg.threads)
     tasks = cfg.tasks.split(",")
@@ -95,15 +104,15 @@ def run(cfg: Config) -> dict:
     with torch.no_grad():
         for k, t in enumerate(tasks):
             test = data[t][1]
-            correct = 0
-            for i in range(0, len(test), 64):
-                chunk = [(e, k) for e in test[i:i + 64]]
-                if hyper:
-                    handle.set_task(k)
-                pred = model(**encode(tokenizer, chunk, cfg)).logits.argmax(-1)
-                correct += (pred == torch.tensor([e.label for e, _ in chunk])).sum().item()
+            if hyper:
+                handle.set_task(k)
+            correct = accuracy(model, tokenizer, test, cfg) * len(test)
             majority = max(sum(e.label for e in test), sum(1 - e.label for e in test)) / len(test)
             result[t] = {"accuracy": round(correct / len(test), 4), "majority": round(majority, 4)}
+            if hyper and len(tasks) > 1:   # the same inputs under another task's id: the deltas must differ
+                other = (k + 1) % len(tasks)
+                handle.set_task(other)
+                result[t]["accuracy_with_task_id_of_" + tasks[other]] = round(accuracy(model, tokenizer, test, cfg), 4)
     return result
 
 

@@ -54,4 +54,5 @@ def test_hyper_sentiment_two_tasks_runs_small():
     assert r["steps"] == 6 and r["tasks"] == ["sentiment", "length"]
     for task in r["tasks"]:
         assert 0 <= r[task]["accuracy"] <= 1 and 0.5 <= r[task]["majority"] <= 1
+    assert set(r["sentiment"]) == {"accuracy", "majority", "accuracy_with_task_id_of_length"}
     assert r["trainable"] == deltakit.plan(load_model(e5_small_path(), 0)[0], spec).num_params
