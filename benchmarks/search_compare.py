@@ -343,7 +343,7 @@ def plot(summary: dict, path: Path):
     import matplotlib.pyplot as plt
     budgets = summary["config"]["budgets"]
     methods = [m for m in summary["config"]["methods"] if any(r["method"] == m for r in summary["rows"])]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(budgets) * max(1, len(methods)) / 3, 3.6))
+    fig, ax = plt.subplots(figsize=(3.4 + 1.4 * len(budgets) * max(1, len(methods)) / 3, 3.6))
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
         rs = {r["budget"]: r for r in summary["rows"] if r["method"] == m}
@@ -354,7 +354,7 @@ def plot(summary: dict, path: Path):
     ax.set_ylabel("test accuracy (%)")
     lows = [r["accuracy"] * 100 for r in summary["rows"]]
     ax.set_ylim(max(0, min(lows) - 10), min(100, max(lows) + 5))
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))   # outside: never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
