@@ -62,7 +62,7 @@ class Config:
     n_test: int = 500
     max_length: int = 40
     batch_size: int = 16
-    search_epochs: float = 1.0      # over each half
+    search_epochs: float = 3.0      # over each half; after 1 the supernet is barely trained (benchmarks/RESULTS.md)
     search_steps: int | None = None  # overrides search_epochs
     retrain_epochs: float = 1.0
     lr_weights: float = 3e-4
