@@ -1,4 +1,4 @@
-"""LoRA, prefix and prompt deltas trained end to end on tiny CPM-Ant (native), CPM-2 and CPM-1.
+"""LoRA, prefix, prompt and hypernetwork deltas trained end to end on tiny CPM-Ant (native), CPM-2 and CPM-1.
 
 CPM-2 and CPM-1 come through their real loaders from fake Megatron shards (tests/test_cpm2.py,
 tests/test_cpm1.py write them). Each case trains the delta alone to memorise a fixed sequence, then
@@ -102,12 +102,16 @@ CASES = [
     ("cpm1", "lora(r=4)@attn.q,attn.v", 2 * 2),
     ("cpm1", "prefix(n=4)@attn", 2),
     ("cpm1", "prompt(n=4)@embed", 1),
+    # one shared hypernetwork generating each position's weights
+    ("cpmant", "hyper(lora,r=2)@attn.q,attn.v", 2 * 2),
+    ("cpm2", "hyper(adapter,dim=4)@attn,ffn", 2 * 2 * 2),   # encoder + decoder blocks
+    ("cpm1", "hyper(prefix,n=4)@attn", 2),
 ]
 
 STEPS = 60
 # 4 prompt vectors act only through attention of a frozen random 2-layer model: a weak lever that
 # needs a larger step to halve the loss in 60 steps (tests/test_prefix.py uses 0.1 for the same reason)
-LR = {"lora": 2e-2, "prefix": 5e-2, "prompt": 0.2}
+LR = {"lora": 2e-2, "prefix": 5e-2, "prompt": 0.2, "hyper": 2e-2}
 
 
 def kind(spec):
