@@ -43,6 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from deltakit.checkpoint import atomic_write, write_json   # atomic: a crash never leaves a result a rerun takes as done
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,14 +80,6 @@ def slug(budget: str | None) -> str:
 
 def run_name(method: str, budget: str | None, seed: int) -> str:
     return f"{method}-{slug(budget)}-s{seed}"
-
-
-def write_json(path: Path, obj):
-    """Atomically: a crash never leaves a half-written result that a rerun would take as done."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def peak_rss_mb() -> float:
@@ -139,31 +133,23 @@ def structure_for(method: str, model, budget: int) -> str:
 def placed(cfg, method: str) -> dict:
     """hand / lora8 / full: a fixed structure trained exactly like the retrain of a searched one."""
     import deltakit
-    from search import data as datalib
-    from search.budget import parse_budget
-    from search.models import load_backbone
-    from search.s3pet import _fixed_spec, evaluate, train_structure
+    from search.s3pet import evaluate, prepare, train_structure
     t0 = time.perf_counter()
-    task = datalib.load_task(cfg.task, cfg.n_train, cfg.n_dev, cfg.n_test)
-    backbone = load_backbone(cfg.model, task.num_labels, cfg.seed, cfg.device)
-    model = backbone.model
-    budget = parse_budget(cfg.budget, sum(p.numel() for p in model.parameters()))
-    structure = structure_for(method, model, budget.params)
-    fixed = _fixed_spec(cfg, backbone)
-    spec = "; ".join(s for s in (structure, fixed) if s)
+    s = prepare(cfg)
+    model = s.backbone.model
+    structure = structure_for(method, model, s.budget.params)
+    spec = "; ".join(x for x in (structure, s.fixed) if x)
     params = deltakit.plan(model, structure).num_params if structure else 0
-    trn, dev, test = (datalib.Encoded(x, backbone.tokenizer, cfg.max_length, backbone.prefix)
-                      for x in (task.train, task.dev, task.test))
     setup_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    retrain = train_structure(cfg, backbone, spec, trn, dev)
+    retrain = train_structure(cfg, s.backbone, spec, s.trn, s.dev)
     retrain.pop("handle")
     retrain_s = time.perf_counter() - t1
-    scores = evaluate(backbone, test, cfg.batch_size)
+    scores = evaluate(s.backbone, s.test, cfg.batch_size)
     sec = {"setup": round(setup_s, 1), "search": 0.0, "retrain": round(retrain_s, 1),
            "total": round(time.perf_counter() - t0, 1)}
     return {"test": scores, "dev": retrain["dev"], "params": params, "trainable": retrain["trainable"],
-            "budget_params": budget.params, "spec": spec, "search_steps": 0, "retrain_steps": retrain["steps"],
+            "budget_params": s.budget.params, "spec": spec, "search_steps": 0, "retrain_steps": retrain["steps"],
             "seconds": sec, "search_s_per_step": None, "retrain_s_per_step": retrain_s / retrain["steps"]}
 
 
@@ -173,17 +159,12 @@ def cost(cfg, kind: str, steps: int) -> dict:
     import deltakit
     import torch
     from search import data as datalib
-    from search.budget import parse_budget
-    from search.models import load_backbone
-    from search.s3pet import Search, _fixed_spec
+    from search.s3pet import Search, prepare
     from search.space import build_space
-    task = datalib.load_task(cfg.task, cfg.n_train, cfg.n_dev, cfg.n_test)
-    backbone = load_backbone(cfg.model, task.num_labels, cfg.seed, cfg.device)
+    s = prepare(cfg)
+    backbone, budget, fixed, trn = s.backbone, s.budget, s.fixed, s.trn
     model = backbone.model
-    budget = parse_budget(cfg.budget, sum(p.numel() for p in model.parameters()))
-    fixed = _fixed_spec(cfg, backbone)
     space = build_space(model, cfg.space, fixed)
-    trn = datalib.Encoded(task.train, backbone.tokenizer, cfg.max_length, backbone.prefix)
     loaded_mb = rss_mb()
     if kind == "search":
         search = Search(replace(cfg, search_steps=steps + 1), backbone, space, budget, fixed, trn,
@@ -406,7 +387,7 @@ def main(argv=None) -> int:
     summary = summarise(args, results)
     write_json(out / "summary.json", summary)
     text = markdown(summary)
-    (out / "summary.md").write_text(text)
+    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(text))
     if summary["rows"]:
         plot(summary, out / "accuracy.png")
     print(text)

@@ -55,6 +55,8 @@ import torch.nn.functional as F
 from .errors import KindError
 
 _WRAPPER = "deltakit_prefix"
+# where each join keeps its site: on the attention module (prefix) or on the model (prompt)
+SITE_ATTR = {"prefix": "_deltakit_prefix_site", "embed": "_deltakit_prompt_site"}
 
 
 # ---- prefix: shared helpers ---------------------------------------------------------------------
@@ -262,14 +264,14 @@ def _position_site(entry, add: bool):
 
 
 def install_prefix(entry, module):
-    site = module.__dict__.get("_deltakit_prefix_site")
+    site = module.__dict__.get(SITE_ATTR["prefix"])
     if site is None:
         joiner = prefix_joiner(module)
         if joiner is None:
             raise KindError(f"prefix deltas cannot join {type(module).__name__} at {entry.position.name!r}: it offers "
                             f"none of {', '.join(w for w, _, _ in PREFIX_JOINS)}")
         site = PrefixSite(module, joiner)
-        module.__dict__["_deltakit_prefix_site"] = site
+        module.__dict__[SITE_ATTR["prefix"]] = site
     site.entries.append(entry)
     entry.site_module = module
     _position_site(entry, add=True)
@@ -286,13 +288,10 @@ def leave_site(entry, holder, attr: str):
         del holder.__dict__[attr]
 
 
-def _leave(entry, module, attr: str):
+def uninstall(entry):
+    """Undo install_prefix / install_prompt for one entry."""
     _position_site(entry, add=False)
-    leave_site(entry, module, attr)
-
-
-def uninstall_prefix(entry, module):
-    _leave(entry, module, "_deltakit_prefix_site")
+    leave_site(entry, entry.site_module, SITE_ATTR[entry.join])
 
 
 # ---- prompt: where the input is embedded ----------------------------------------------------------
@@ -440,15 +439,11 @@ class PromptSite:
 
 
 def install_prompt(entry, model):
-    site = model.__dict__.get("_deltakit_prompt_site")
+    site = model.__dict__.get(SITE_ATTR["embed"])
     if site is None:
         site = PromptSite(model)
-        model.__dict__["_deltakit_prompt_site"] = site
+        model.__dict__[SITE_ATTR["embed"]] = site
     site.entries.append(entry)
     entry.site_module = model
     if not site.slots:
         _position_site(entry, add=True)
-
-
-def uninstall_prompt(entry, model):
-    _leave(entry, model, "_deltakit_prompt_site")

@@ -19,15 +19,33 @@ WEIGHTS, CONFIG = "deltas.safetensors", "deltakit.json"
 
 
 def atomic_write(path: Path, write):
-    """write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
+    """write(tmp_path), fsync, then rename over `path` (its folder is created): a crash (kill -9, or
+    power loss once the rename is synced) leaves the old file or the new one, never a half-written one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        try:   # make the rename itself durable (not possible on every platform/filesystem)
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_json(path: Path, obj):
+    """`obj` as indented UTF-8 JSON, atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def fingerprint(model, entries) -> dict:

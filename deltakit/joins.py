@@ -209,9 +209,8 @@ def install(entry, model):
 
 
 def uninstall(entry):
-    if entry.join in ("prefix", "embed"):
-        undo = attention_joins.uninstall_prefix if entry.join == "prefix" else attention_joins.uninstall_prompt
-        return undo(entry, entry.site_module)
+    if entry.join in attention_joins.SITE_ATTR:   # prefix, embed
+        return attention_joins.uninstall(entry)
     for h in entry.hooks:
         h.remove()
     entry.hooks.clear()

@@ -1,11 +1,10 @@
 """Search checkpoints: one safetensors file whose metadata holds the JSON state (step, best score,
-history, RNG states, a config fingerprint), written to a temp file, fsynced and os.replace'd, so a
-crash at any moment (kill -9 included) leaves either the previous checkpoint or the new one.
+history, RNG states, a config fingerprint), written with deltakit's `atomic_write` (temp file,
+fsync, rename), so a crash at any moment (kill -9 included) leaves the previous checkpoint or the new one.
 Nothing is unpickled: tensors load with safetensors, the rest is JSON."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from deltakit.checkpoint import atomic_write
 
 from .errors import SearchError
 
@@ -53,23 +54,9 @@ def load_optimizer(prefix: str, optimizer, names: dict, tensors: dict):
 
 
 def save(path: Path, tensors: dict, state: dict):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "state": json.dumps(state)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:   # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        except OSError:
-            pass
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format": FORMAT, "state": json.dumps(state)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load(path: Path) -> tuple[dict, dict] | None:

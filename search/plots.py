@@ -5,20 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 
+def _row(c) -> tuple:
+    """(sort key, label): layers by stack then index, model-level positions last."""
+    if c.layer is None:
+        return (1, "", 0), "model"
+    return (0, c.stack or "", c.layer), f"{c.stack + '.' if c.stack else ''}{c.layer}"
+
+
 def grid(candidates, values):
-    rows, cols = [], []
-    for c in candidates:
-        row = "model" if c.layer is None else f"{c.stack + '.' if c.stack else ''}{c.layer}"
-        if row not in rows:
-            rows.append(row)
-        if c.column not in cols:
-            cols.append(c.column)
-    rows.sort(key=lambda r: (r == "model", r.rsplit(".", 1)[0] if "." in r else "", int(r.rsplit(".", 1)[-1]) if r != "model" else 0))
+    rows = [label for _, label in sorted(set(map(_row, candidates)))]
+    cols = list(dict.fromkeys(c.column for c in candidates))
     m = np.full((len(rows), len(cols)), np.nan)
     where = {}
     for c, v in zip(candidates, values):
-        row = "model" if c.layer is None else f"{c.stack + '.' if c.stack else ''}{c.layer}"
-        i, j = rows.index(row), cols.index(c.column)
+        i, j = rows.index(_row(c)[1]), cols.index(c.column)
         m[i, j] = v
         where[c.index] = (i, j)
     return rows, cols, m, where

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import deltakit
+from deltakit.checkpoint import atomic_write, write_json
 
 from . import ckpt, data as datalib
 from .bilevel import first_order_grad, second_order_grad
@@ -123,14 +124,9 @@ def evaluate(backbone, enc: datalib.Encoded, batch_size: int) -> dict:
         preds += backbone.logits(batch).argmax(-1).tolist()
         gold += batch["labels"].tolist()
     backbone.model.train(was)
-    preds, gold = np.array(preds), np.array(gold)
-    f1s = []
-    for c in np.unique(gold):
-        tp = np.sum((preds == c) & (gold == c))
-        prec = tp / max(1, np.sum(preds == c))
-        rec = tp / max(1, np.sum(gold == c))
-        f1s.append(0.0 if tp == 0 else 2 * prec * rec / (prec + rec))
-    return {"accuracy": float(np.mean(preds == gold)), "macro_f1": float(np.mean(f1s))}
+    from sklearn.metrics import accuracy_score, f1_score
+    return {"accuracy": float(accuracy_score(gold, preds)),
+            "macro_f1": float(f1_score(gold, preds, average="macro", zero_division=0))}
 
 
 def _lr(base: float, step: int, total: int) -> float:
@@ -287,6 +283,27 @@ def _fixed_spec(cfg: Config, backbone) -> str | None:
     return None if cfg.fixed is None or cfg.fixed.strip().lower() in ("", "none") else cfg.fixed
 
 
+@dataclass
+class Setup:
+    """What every run of a Config starts from: data, backbone, budget, fixed part, encoded splits."""
+    task: datalib.Task
+    backbone: object
+    budget: Budget
+    fixed: str | None
+    trn: datalib.Encoded
+    dev: datalib.Encoded
+    test: datalib.Encoded
+
+
+def prepare(cfg: Config) -> Setup:
+    task = datalib.load_task(cfg.task, cfg.n_train, cfg.n_dev, cfg.n_test)
+    backbone = load_backbone(cfg.model, task.num_labels, cfg.seed, cfg.device)
+    budget = parse_budget(cfg.budget, sum(p.numel() for p in backbone.model.parameters()))
+    encode = lambda xs: datalib.Encoded(xs, backbone.tokenizer, cfg.max_length, backbone.prefix)   # noqa: E731
+    return Setup(task, backbone, budget, _fixed_spec(cfg, backbone), encode(task.train), encode(task.dev),
+                 encode(task.test))
+
+
 def run(cfg: Config) -> Result:
     """Search (or draw a random structure), retrain it from scratch, report. See the module doc."""
     from tqdm.auto import tqdm
@@ -302,19 +319,13 @@ def run(cfg: Config) -> Result:
     out = Path(cfg.output_dir) if cfg.output_dir else None
     t0 = time.perf_counter()
 
-    task = datalib.load_task(cfg.task, cfg.n_train, cfg.n_dev, cfg.n_test)
-    backbone = load_backbone(cfg.model, task.num_labels, cfg.seed, cfg.device)
+    setup = prepare(cfg)
+    task, backbone, budget, fixed, trn, dev, test = (setup.task, setup.backbone, setup.budget, setup.fixed,
+                                                     setup.trn, setup.dev, setup.test)
     model = backbone.model
-    backbone_params = sum(p.numel() for p in model.parameters())
-    budget = parse_budget(cfg.budget, backbone_params)
-    fixed = _fixed_spec(cfg, backbone)
     space = build_space(model, cfg.space, fixed)
     check_fits(budget, space.sizes, sum(space.shared.values()))
     groups = [c.rule if c.rule in space.shared else None for c in space.candidates]
-
-    trn = datalib.Encoded(task.train, backbone.tokenizer, cfg.max_length, backbone.prefix)
-    dev = datalib.Encoded(task.dev, backbone.tokenizer, cfg.max_length, backbone.prefix)
-    test = datalib.Encoded(task.test, backbone.tokenizer, cfg.max_length, backbone.prefix)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     logger = _Logger(cfg, out)
@@ -383,7 +394,7 @@ def run(cfg: Config) -> Result:
 
     keys = [space.candidates[i].key for i in chosen]
     metrics = {"test": test_scores, "dev": retrain["dev"], "budget": budget.params, "budget_text": budget.text,
-               "budget_fraction": budget.fraction, "backbone_params": backbone_params, "cost": cost,
+               "budget_fraction": budget.fraction, "backbone_params": budget.backbone, "cost": cost,
                "fixed_params": sum(p.numel() for n, p in handle.named_parameters()) - cost,
                "num_chosen": len(chosen), "num_candidates": len(space), "space_params": space.total,
                "strategy": cfg.strategy, "order": cfg.order, "seconds": {"setup": round(setup_s, 1), "search": round(search_s, 1),
@@ -452,12 +463,12 @@ def write_outputs(result: Result, space, chosen, probs, search_info, handle):
         "candidates": [{"key": c.key, "params": c.num_params, "p": (probs[c.index] if probs else None),
                         "chosen": c.index in chosen_set} for c in space.candidates],
     }
-    (out / "structure.json").write_text(json.dumps(structure, indent=2, ensure_ascii=False))
-    (out / "structure.spec").write_text(result.spec + "\n")
+    write_json(out / "structure.json", structure)
+    atomic_write(out / "structure.spec", lambda tmp: tmp.write_text(result.spec + "\n", encoding="utf-8"))
     metrics = dict(result.metrics)
     if search_info.get("history"):
         metrics["search_history"] = search_info["history"]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    write_json(out / "metrics.json", metrics)
     handle.save(out / "deltas")
     from .plots import heatmap
     values = probs if probs else [1.0 if i in chosen_set else 0.0 for i in range(len(space))]

@@ -40,12 +40,12 @@ class Prefix(nn.Module):
         if opts.mlp:
             self.embed = nn.Parameter(torch.empty(opts.n, dim))
             self.mlp = nn.Sequential(nn.Linear(dim, opts.mlp), nn.Tanh(), nn.Linear(opts.mlp, 2 * kv))
-            start = self.embed
+            drawn = [self.embed]
         else:
             self.key = nn.Parameter(torch.empty(opts.n, kv))
             self.value = nn.Parameter(torch.empty(opts.n, kv))
-            start = None
-        for p in ([start] if start is not None else [self.key, self.value]):
+            drawn = [self.key, self.value]
+        for p in drawn:
             if opts.init == "normal":
                 nn.init.normal_(p, std=opts.std)
             else:
