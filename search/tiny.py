@@ -1,5 +1,6 @@
 """A tiny offline model folder and JSONL task for tests and smoke runs (seconds on a CPU):
-a 2-layer XLM-R sequence classifier with a word-level tokenizer, and a bag-of-words sentiment task."""
+a 2-layer XLM-R sequence classifier with a word-level tokenizer, a 2-layer native CPM-Ant in
+CPM-Live's file layout, and a bag-of-words sentiment task."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,28 @@ def make_model(folder, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     XLMRobertaForSequenceClassification(cfg).save_pretrained(folder)
     return folder
+
+
+def make_cpmant(folder, seed: int = 0, checkpoint: str = "cpm-ant-tiny.pt") -> Path:
+    """A native CPM-Ant folder as CPM-Live ships one: config JSON, vocab (specials + the task's
+    words) and a torch checkpoint of plain tensors. Returns the checkpoint path."""
+    import torch
+    from deltakit.backbones import cpmant
+    from deltakit.backbones.cpmant_tokenizer import SPECIALS
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = list(SPECIALS) + POS + NEG + FILL + ["neg", "pos"]
+    (folder / "ant.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    cfg = cpmant.CPMAntConfig(**{**cpmant.CONFIGS["tiny"].__dict__, "vocab_size": len(vocab)})
+    cfg.to_json(folder / (Path(checkpoint).stem + ".json"))
+    torch.manual_seed(seed)
+    model = cpmant.build(cfg)
+    with torch.no_grad():
+        for emb in (model.input_embedding, model.prompt_embedding, model.segment_embedding):
+            emb.weight.normal_()   # trained CPM-Ant embeddings are O(1), not CPM-Live's init scale
+    path = folder / checkpoint
+    torch.save(model.state_dict(), path)
+    return path
 
 
 def make_task(path, n: int = 400, seed: int = 0) -> Path:
