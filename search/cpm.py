@@ -6,10 +6,11 @@ config JSON and vocab next to it.
                               is named after a known size (cpm-ant-10b.pt, cpm-ant-3b.pt, ...)
     folder/ant.txt            CPM-Live's vocab (cpm_live/vocabs/ant.txt; any single .txt vocab)
 
-No head is added. As in CPM-Live's tuning, the task is read through the language-model head: the
-input is the task's prompt rows (task_id 1), <s> and the text, all context, and the class scores are
-the LM logits of the position that would generate the next token, at each label word's first token
-(a verbaliser). The backbone stays whole and frozen, and the budget counts it all, embeddings too.
+No head is added: the task is read through the language-model head, laid out as CPM-Live's CUGE
+tuning does (cpm-ant branch, examples/): the prompt rows of task_id 1, <s> and the text, all context;
+the class scores are the LM logits, at the position that generates the first answer token, of each
+label word's first token (a verbaliser; CPM-Live's CCPM answers with one label token the same way).
+The backbone stays whole and frozen, and the budget counts all of it, embeddings too.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .errors import SearchError
 from .models import Backbone
 
 CHECKPOINT_SUFFIXES = (".pt", ".bin", ".safetensors")
-TASK_ID = 1   # CPM-Live's generation examples use prompt rows of task 1
+TASK_ID = 1   # CPM-Live tunes with the prompt rows of task 1 (its generation defaults to 2)
 
 
 class CPMAntBackbone(Backbone):
@@ -97,6 +98,12 @@ def _word_ids(tokenizer, words: list[str]) -> list[int]:
     return ids
 
 
+def weights_dtype(device) -> torch.dtype:
+    """bf16 on a GPU (CPM-Live's half precision); fp32 on a CPU, where bf16 matmuls are slow.
+    The deltas are float32 either way (deltakit.attach)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_cpmant_backbone(path, words, seed, device) -> CPMAntBackbone | None:
     from deltakit.backbones import cpmant
     from deltakit.backbones.cpmant_tokenizer import CPMAntTokenizer
@@ -112,11 +119,9 @@ def load_cpmant_backbone(path, words, seed, device) -> CPMAntBackbone | None:
     if vocab is None:
         raise SearchError(f"no CPM-Ant vocab next to {ckpt}: put CPM-Live's cpm_live/vocabs/ant.txt "
                           f"in {ckpt.parent} (as ant.txt or the only .txt file there)")
-    # bf16 on a GPU (CPM-Live's half precision); fp32 on a CPU, where bf16 matmuls are slow
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     try:
         tokenizer = CPMAntTokenizer(vocab)
-        model = cpmant.load_cpmant(ckpt, config or ckpt.stem, dtype=dtype, device=device)
+        model = cpmant.load_cpmant(ckpt, config or ckpt.stem, dtype=weights_dtype(device), device=device)
     except DeltakitError as e:
         raise SearchError(f"cannot load native CPM-Ant from {str(path)!r}: {e}") from None
     return CPMAntBackbone(model, tokenizer, _word_ids(tokenizer, words), device)

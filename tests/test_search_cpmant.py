@@ -77,6 +77,19 @@ def test_search_runs_on_native_cpmant_and_its_outputs_reapply(files, tmp_path):
     loaded.detach()
 
 
+def test_search_on_a_bf16_backbone_keeps_float32_deltas_and_moves_the_gates(files, tmp_path, monkeypatch):
+    """What a GPU run does (bf16 weights), on the CPU."""
+    import search.cpm
+    from search.s3pet import run
+    monkeypatch.setattr(search.cpm, "weights_dtype", lambda device: torch.bfloat16)
+    r = run(_cfg(files, tmp_path / "bf16", search_steps=6))
+    assert {p.dtype for p in r.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in r.handle.parameters()} == {torch.float32}
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in json.loads((tmp_path / "bf16" / "metrics.json")
+                                                                          .read_text())["search_history"])
+    assert max(r.probs) - min(r.probs) > 1e-3       # the gate logits received gradients
+
+
 def test_training_through_the_lm_head_learns_the_task(files):
     from search.s3pet import Config, evaluate, prepare, train_structure
     cfg = Config(model=str(files[0]), task=str(files[1]), n_train=None, n_dev=24, n_test=48, batch_size=8,
