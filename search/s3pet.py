@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -301,7 +302,7 @@ def label_words(cfg: Config, task: datalib.Task) -> list:
     """The task's label words, or --verbalizer's (one per label, in the task's label order)."""
     if cfg.verbalizer is None:
         return task.words
-    words = [w.strip() for w in cfg.verbalizer.split(",")]
+    words = [w.strip() for w in re.split("[,，]", cfg.verbalizer)]   # the full-width comma too
     if len(words) != task.num_labels or not all(words):
         raise SearchError(f"--verbalizer {cfg.verbalizer!r} gives {len(words)} words for the {task.num_labels} "
                           f"labels {task.labels}; give one non-empty word per label, in that order, comma-separated")

@@ -132,13 +132,13 @@ def test_folder_with_two_checkpoints_is_ambiguous(files, tmp_path):
 
 
 def test_label_words_must_be_in_the_vocab_and_differ(files, tmp_path):
-    from search.s3pet import run
+    from search.s3pet import prepare, run
     with pytest.raises(SearchError, match="label word 'positive' .*--verbalizer"):
         load_backbone(str(files[0]), ["neg", "positive"], seed=0)   # 'pos' + <unk>: not a vocab word
     with pytest.raises(SearchError, match="same token"):
         load_backbone(str(files[0]), ["good", "good"], seed=0)
     with pytest.raises(SearchError, match="gives 3 words for the 2 labels"):
         run(_cfg(files, tmp_path / "v", verbalizer="bad,good,fine"))
-    # a verbaliser maps labels to other words: here the task's labels read as 'bad' / 'good'
-    r = run(_cfg(files, tmp_path / "v2", verbalizer="bad, good", search_steps=2))
-    assert r.cost > 0
+    # a verbaliser maps labels to other words: here the task's labels (neg, pos) read as 'bad' / 'good'
+    backbone = prepare(_cfg(files, tmp_path / "v2", verbalizer="bad， good")).backbone   # full-width comma
+    assert backbone.tokenizer.convert_ids_to_tokens(backbone.word_ids.tolist()) == ["bad", "good"]
