@@ -354,8 +354,10 @@ def run(cfg: Config) -> Result:
         loaded = None if (cfg.fresh or path is None) else ckpt.load(path)
         if loaded is not None:
             tensors, state = loaded
-            if state["config"] != cfg.fingerprint():
-                diff = sorted(k for k in cfg.fingerprint() if state["config"].get(k) != cfg.fingerprint()[k])
+            # a setting added to Config after the checkpoint was written counts as its default there
+            saved = {**Config().fingerprint(), **state["config"]}
+            if saved != cfg.fingerprint():
+                diff = sorted(k for k in cfg.fingerprint() if saved.get(k) != cfg.fingerprint()[k])
                 raise SearchError(f"{path} holds a search with other settings ({', '.join(diff)}); "
                                   f"use another --output-dir or pass --fresh to start over")
             search.restore(tensors, state)

@@ -115,3 +115,21 @@ def test_resume_after_kill_reproduces_uninterrupted_run(tiny, tmp_path):
     assert [c["p"] for c in a["candidates"]] == [c["p"] for c in b["candidates"]]   # bit-identical gates
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "full", out))
     assert ma["test"] == mb["test"] and ma["search"]["best_step"] == mb["search"]["best_step"]
+
+
+def test_checkpoint_of_other_settings_is_refused_and_one_from_before_a_new_setting_resumes(tiny, tmp_path):
+    from search import ckpt
+    from search.errors import SearchError
+    from search.s3pet import CKPT, run
+    out = tmp_path / "r"
+    first = run(_cfg(tiny, out, search_steps=6))
+    with pytest.raises(SearchError, match=r"other settings \(lr_weights\).*--fresh"):
+        run(_cfg(tiny, out, search_steps=6, lr_weights=1e-3))
+    # a checkpoint written before Config had `verbalizer`: the missing key means its default
+    tensors, state = ckpt.load(out / CKPT)
+    del state["config"]["verbalizer"]
+    ckpt.save(out / CKPT, tensors, state)
+    again = run(_cfg(tiny, out, search_steps=6))
+    assert again.chosen == first.chosen and again.probs == first.probs
+    with pytest.raises(SearchError, match=r"other settings \(verbalizer\)"):
+        run(_cfg(tiny, out, search_steps=6, verbalizer="neg,pos"))
