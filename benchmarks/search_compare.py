@@ -387,7 +387,7 @@ def main(argv=None) -> int:
     summary = summarise(args, results)
     write_json(out / "summary.json", summary)
     text = markdown(summary)
-    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(text))
+    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     if summary["rows"]:
         plot(summary, out / "accuracy.png")
     print(text)

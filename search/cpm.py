@@ -32,7 +32,7 @@ class CPMAntBackbone(Backbone):
 
     def __init__(self, model, tokenizer, word_ids: list[int], device=torch.device("cpu")):
         super().__init__(model, tokenizer, prefix="", fixed=None, device=device)
-        self.word_ids = torch.tensor(word_ids)
+        self.word_ids = torch.tensor(word_ids, device=device)
 
     def encode(self, texts, max_length):
         bos = self.tokenizer.bos_id
@@ -49,7 +49,7 @@ class CPMAntBackbone(Backbone):
         x = make_inputs(self.model.config, rows, task_id=TASK_ID, device=self.device)
         logits = self.model(**x)[0]                                   # (B, P + L, vocab)
         last = x["length"] - 1                                        # padding is on the right
-        return logits[torch.arange(len(rows), device=self.device), last][:, self.word_ids.to(self.device)].float()
+        return logits[torch.arange(len(rows), device=self.device), last][:, self.word_ids].float()
 
     def loss(self, batch):
         return F.cross_entropy(self.logits(batch), batch["labels"].to(self.device))
@@ -57,11 +57,13 @@ class CPMAntBackbone(Backbone):
 
 def _files(path: Path) -> tuple[Path, Path | None, Path | None] | None:
     """(checkpoint, config JSON, vocab) of a native CPM-Ant path, or None when it is not one."""
+    if not (path.is_dir() or path.is_file() and path.suffix in CHECKPOINT_SUFFIXES):
+        return None
     folder = path if path.is_dir() else path.parent
     jsons = [p for p in sorted(folder.glob("*.json")) if _is_cpmant_config(p)]
-    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+    if path.is_file():
         ckpt = path
-    elif path.is_dir() and jsons:
+    elif jsons:
         found = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
         if len(found) != 1:
             raise SearchError(f"{path} has a CPM-Ant config but {len(found)} checkpoint files "
@@ -76,6 +78,9 @@ def _files(path: Path) -> tuple[Path, Path | None, Path | None] | None:
 
 
 def _is_cpmant_config(path: Path) -> bool:
+    # a config is a few hundred bytes; a Hugging Face folder's tokenizer.json (17 MB for e5) is not read
+    if path.stat().st_size > 64 * 1024:
+        return False
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -107,8 +107,12 @@ def test_checkpoint_file_named_after_a_size_needs_no_json(files, tmp_path):
     d = tmp_path / "m"
     d.mkdir()
     shutil.copy(ckpt.parent / "ant.txt", d / "ant.txt")
-    # the tiny checkpoint is not the published 'tiny' shape (its vocab is the task's), so loading it
-    # under that name must fail on shapes, naming the problem
+    # a checkpoint of the named 'tiny' shape loads under that name, without a JSON beside it
+    torch.save(cpmant.build("tiny").state_dict(), d / "tiny.pt")
+    backbone = load_backbone(str(d / "tiny.pt"), ["neg", "pos"], seed=0)
+    assert backbone.model.config == cpmant.CONFIGS["tiny"]
+    # the task's checkpoint is not that shape (its vocab is the task's): the name does not fit, and
+    # the error says so
     shutil.copy(ckpt, d / "tiny.pt")
     with pytest.raises(SearchError, match="shapes differ|does not fit"):
         load_backbone(str(d / "tiny.pt"), ["neg", "pos"], seed=0)
