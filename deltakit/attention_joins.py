@@ -45,13 +45,12 @@ Prompt (`join="embed"`). n soft-prompt vectors enter before the input (`PROMPT_J
 """
 from __future__ import annotations
 
-import copy
 import inspect
-import sys
 
 import torch
 import torch.nn.functional as F
 
+from . import hf_compat as hf
 from .errors import KindError
 
 _WRAPPER = "deltakit_prefix"
@@ -127,20 +126,13 @@ def _join_native(module, site):
 
 # ---- joiner 2: transformers' attention interface -------------------------------------------------
 
-def _uses_interface(module) -> bool:
-    cfg = getattr(module, "config", None)
-    source = sys.modules.get(type(module).__module__)
-    return cfg is not None and hasattr(cfg, "_attn_implementation") and hasattr(source, "ALL_ATTENTION_FUNCTIONS")
-
-
 def _prefix_attention(module, query, key, value, attention_mask, *args, **kwargs):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     site = module.__dict__["_deltakit_prefix"]
-    impl = site.config._attn_implementation
+    impl = hf.attention_implementation(site.config)
     if impl and "flash" in impl:
         raise KindError(f"prefix deltas need an attention implementation that takes a 4D mask (eager, sdpa); "
                         f"this model uses {impl!r}: load it with attn_implementation='sdpa'")
-    inner = ALL_ATTENTION_FUNCTIONS.get_interface(impl, site.eager)
+    inner = hf.attention_functions().get_interface(impl, site.eager)
     if site.active():
         pk, pv = _prefix_kv(site, key.shape[0], key.shape[1], key.shape[-1], key)
         n, q_len, k_len = pk.shape[2], query.shape[2], key.shape[2]
@@ -157,14 +149,12 @@ def _prefix_attention(module, query, key, value, attention_mask, *args, **kwargs
 
 def _join_interface(module, site):
     from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    if _WRAPPER not in ALL_ATTENTION_FUNCTIONS:
+    if _WRAPPER not in hf.attention_functions():
         AttentionInterface.register(_WRAPPER, _prefix_attention)
     site.config = module.config
-    site.eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    own = copy.copy(module.config)   # this module only: the model and the other layers are untouched
-    own._attn_implementation_internal = _WRAPPER
-    module.config = own
+    site.eager = hf.eager_attention(module)
+    # this module only: the model and the other layers keep their config
+    module.config = hf.with_attention_implementation(module.config, _WRAPPER)
     module.__dict__["_deltakit_prefix"] = site
 
     def undo():
@@ -182,25 +172,31 @@ class _PrefixedCache:
     def __init__(self, cache, pk, pv):
         self.cache, self.pk, self.pv = cache, pk, pv
 
+    def __getattr__(self, name):   # anything else the module asks of its cache: the real one answers
+        if self.__dict__.get("cache") is None:
+            raise AttributeError(name)
+        return getattr(self.cache, name)
+
     def update(self, key, value, layer_idx, *args, **kwargs):
         if self.cache is not None:
             key, value = self.cache.update(key, value, layer_idx, *args, **kwargs)
         return torch.cat([self.pk, key], dim=2), torch.cat([self.pv, value], dim=2)
 
 
-def _join_cache(module, site, mask="attention_mask", bias="position_bias"):
+def _join_cache(module, site):
     signature = inspect.signature(module.forward)
 
     def pre(mod, args, kwargs):
         if not site.active():
             return None
         a = _bind(signature, args, kwargs)
-        heads, dim_head = mod.num_heads, mod.dim_head
-        pk, pv = _prefix_kv(site, a["hidden_q"].shape[0], heads, dim_head, mod.project_k.weight)
+        heads, dim_head = getattr(mod, hf.CPMANT_HEADS), getattr(mod, hf.CPMANT_HEAD_DIM)
+        key = getattr(mod, hf.CPMANT_KEY).weight
+        pk, pv = _prefix_kv(site, a[hf.CPMANT_QUERY_ARG].shape[0], heads, dim_head, key)
         n = pk.shape[2]
-        a[mask] = F.pad(a[mask], (n, 0), value=True)
-        a[bias] = F.pad(a[bias], (n, 0))
-        a["past_key_values"] = _PrefixedCache(a.get("past_key_values"), pk, pv)
+        a[hf.CPMANT_MASK_ARG] = F.pad(a[hf.CPMANT_MASK_ARG], (n, 0), value=True)
+        a[hf.CPMANT_BIAS_ARG] = F.pad(a[hf.CPMANT_BIAS_ARG], (n, 0))
+        hf.set_cache(a, signature, _PrefixedCache(hf.passed_cache(a), pk, pv))
         return (), a
 
     hook = module.register_forward_pre_hook(pre, with_kwargs=True)
@@ -210,8 +206,8 @@ def _join_cache(module, site, mask="attention_mask", bias="position_bias"):
 # Which joiner an attention module gets: (what it offers, joiner); the first that matches wins.
 PREFIX_JOINS = (
     ("a kv_prefix attribute (native CPM-Ant)", lambda m: hasattr(m, "kv_prefix"), _join_native),
-    ("transformers' attention interface", _uses_interface, _join_interface),
-    ("a cache update (transformers' CpmAnt)", lambda m: type(m).__name__ == "CpmAntAttention", _join_cache),
+    ("transformers' attention interface", hf.calls_attention_interface, _join_interface),
+    ("a cache update (transformers' CpmAnt)", lambda m: type(m).__name__ == hf.CPMANT_ATTENTION, _join_cache),
 )
 
 
@@ -341,9 +337,10 @@ class PromptSite:
         self.model, self.entries = model, []
         self.hooks, self.where = [], []
         self.stack, self.decoder = prompt_stack(model)
-        self.slots = type(self.stack).__name__ == "CpmAntModel"
+        self.slots = type(self.stack).__name__ == hf.CPMANT_MODEL
         if self.slots:   # CpmAnt's own prompt slots: overwrite the first n of them
-            self.hooks.append(self.stack.input_embedding.register_forward_hook(self._slots))
+            embedding = getattr(self.stack, hf.CPMANT_EMBEDDING)
+            self.hooks.append(embedding.register_forward_hook(self._slots))
             return
         if "inputs_embeds" not in inspect.signature(self.stack.forward).parameters:
             raise KindError(f"prompt deltas need a model that takes inputs_embeds; {type(self.stack).__name__} does "
@@ -378,7 +375,7 @@ class PromptSite:
         if not self.active():
             return None
         a = _bind(self.sig, args, kwargs)
-        cache = a.get("past_key_values")
+        cache = hf.passed_cache(a)
         first = cache is None or cache.get_seq_length() == 0
         mask = a.get("attention_mask")
         ids, embeds = a.get("input_ids"), a.get("inputs_embeds")

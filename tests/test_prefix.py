@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import deltakit
+from deltakit import hf_compat
 import tiny_models as tm
 from test_families import assert_pristine, backbone_params, loss_of, randomise
 
@@ -181,31 +182,47 @@ def check_generation(family, spec, std=0.5, side="left"):
         torch.testing.assert_close(cached_scores, plain_scores, rtol=1e-4, atol=1e-4)
         with h.disabled():
             _, bare_scores = generate(model, ids, mask, True)
-        assert not torch.allclose(bare_scores, cached_scores, atol=1e-3), "the delta changes nothing"
+        for step, (bare, got) in enumerate(zip(bare_scores, cached_scores)):   # the join is in every step
+            assert not torch.allclose(bare, got, atol=1e-3), f"the delta changes nothing at step {step}"
         if side == "left":   # left padding changes nothing either
             alone, alone_scores = generate(model, seqs[1][None], torch.ones(1, len(seqs[1]), dtype=torch.long), True)
             assert cached[1, -6:].tolist() == alone[0, -6:].tolist()
             torch.testing.assert_close(cached_scores[:, 1], alone_scores[:, 0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+GENERATIVE = ("gpt2", "llama", "t5", "mt5")   # tiny families with generate(); transformers' CpmAnt below
+
+
+@pytest.mark.parametrize("family", GENERATIVE)
 def test_prefix_generation_with_cache_equals_without(family):
-    side = "right" if family == "t5" else "left"
-    check_generation(family, "prefix(n=3)@attn" + (",cross" if family == "t5" else ""), side=side)
+    side = "right" if family in ENC_DEC else "left"
+    check_generation(family, "prefix(n=3)@attn" + (",cross" if family in ENC_DEC else ""), side=side)
 
 
-def test_transformers_cpmant_first_step_matches_full_forward():
+def check_cpmant_first_step(spec):
     """transformers' CpmAnt attends bidirectionally, so its own cached and uncached generation differ
-    (the bare model's too); the prefix must still give the cached step the full forward's logits."""
+    (the bare model's too); the delta must still give the cached step the full forward's logits,
+    those logits must differ from the bare model's, and the cache holds the real tokens only."""
     model = tm.make("cpmant")
-    h = deltakit.attach(model, "prefix(n=3)@attn")
-    randomise(h, std=0.5)
     ids = torch.randint(2, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        bare = model(ids, use_cache=True).logits
+    h = deltakit.attach(model, spec)
+    randomise(h, std=0.5)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids, use_cache=True)
         torch.testing.assert_close(out.logits, full)
-        assert out.past_key_values.get_seq_length() == model.config.prompt_length + 6, "the prefix is not in the cache"
+        assert not torch.allclose(out.logits, bare, atol=1e-3), "the delta changes nothing in the cached step"
+        cache = hf_compat.output_cache(out)
+        assert cache.get_seq_length() == model.config.prompt_length + 6, "the cache holds the prefix (or misses tokens)"
+    h.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, use_cache=True).logits, bare, rtol=0, atol=0)
+
+
+def test_transformers_cpmant_first_step_matches_full_forward():
+    check_cpmant_first_step("prefix(n=3)@attn")
 
 
 # ---- native CPM-Ant: the kv_prefix hook point ----------------------------------------------------

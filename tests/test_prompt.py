@@ -10,7 +10,8 @@ import torch
 import deltakit
 import tiny_models as tm
 from test_families import backbone_params, loss_of, randomise
-from test_prefix import ENC_DEC, PAD_SIDES, check_generation, check_lifecycle, check_padding, native_tiny, run
+from test_prefix import (ENC_DEC, GENERATIVE, PAD_SIDES, check_cpmant_first_step, check_generation, check_lifecycle,
+                         check_padding, native_tiny, run)
 
 
 def hidden(family):
@@ -28,9 +29,9 @@ def test_prompt_padded_batch_equals_each_example_alone(family, side):
     check_padding(family, side, "prompt(n=3)", std=0.5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("family", GENERATIVE)
 def test_prompt_generation_with_cache_equals_without(family):
-    check_generation(family, "prompt(n=3)", side="right" if family == "t5" else "left")
+    check_generation(family, "prompt(n=3)", side="right" if family in ENC_DEC else "left")
 
 
 def test_outputs_keep_the_callers_length_and_labels_work():
@@ -116,3 +117,4 @@ def test_transformers_cpmant_prompt_fills_its_native_slots():
         out = model(ids).logits
     assert out.shape == (2, 5, tm.VOCAB)
     h.detach()
+    check_cpmant_first_step("prompt(n=2)")
