@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from deltakit.checkpoint import atomic_write, write_json   # atomic: a crash never leaves a result a rerun takes as done
+from deltakit.io import atomic_write, write_json   # atomic: a crash never leaves a result a rerun takes as done
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

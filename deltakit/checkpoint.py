@@ -5,53 +5,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError, listing
+from .io import atomic_write, write_text
+from .positions import backbone_params
 
 FORMAT = "deltakit-deltas"
 VERSION = 1
 WEIGHTS, CONFIG = "deltas.safetensors", "deltakit.json"
 
 
-def atomic_write(path: Path, write):
-    """write(tmp_path), fsync, then rename over `path` (its folder is created): a crash (kill -9, or
-    power loss once the rename is synced) leaves the old file or the new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:   # make the rename itself durable (not possible on every platform/filesystem)
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: Path, obj):
-    """`obj` as indented UTF-8 JSON, atomically."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def fingerprint(model, entries) -> dict:
-    from .handle import _backbone_params
     from .positions import family
-    params = _backbone_params(model)
+    params = backbone_params(model)
     structure = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in params).encode()).hexdigest()
     sample = hashlib.sha256()
     for e in entries:   # a few values of every targeted module: tells checkpoints apart cheaply
@@ -105,8 +75,7 @@ def save(handle, path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in handle.state_dict().items()}
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    config = json.dumps(describe(handle), indent=2, ensure_ascii=False)
-    atomic_write(folder / CONFIG, lambda tmp: tmp.write_text(config, encoding="utf-8"))   # written last
+    write_text(folder / CONFIG, json.dumps(describe(handle), indent=2, ensure_ascii=False))   # written last
     return folder
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from . import joins, spec as specs
 from .deltas import TYPES
 from .errors import HandleError, KindError, PatternError, SpecError, listing
-from .positions import Position, match, positions
+from .positions import Position, backbone_params, match, positions
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -105,15 +105,11 @@ class _ModelState:
     def __init__(self, model):
         self.handles: dict[str, Handle] = {}
         # requires_grad of every backbone parameter before the first attach, restored by the last detach
-        self.requires_grad = {n: p.requires_grad for n, p in _backbone_params(model)}
+        self.requires_grad = {n: p.requires_grad for n, p in backbone_params(model)}
         self.ckpt_hook = _input_grad_hook(model)
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
-
-
-def _backbone_params(model):
-    return [(n, p) for n, p in model.named_parameters() if "deltakit" not in n.split(".")]
 
 
 def _input_grad_hook(model):
@@ -166,7 +162,7 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
     handle = Handle(model, name, spec, planned, dtype)
     state.handles[name] = handle
     if freeze:
-        for _, p in _backbone_params(model):
+        for _, p in backbone_params(model):
             p.requires_grad_(False)
     return handle
 
@@ -384,7 +380,7 @@ class Handle:
         self._remove_entries()
         del state.handles[self.name]
         if not state.handles:   # the last handle: give the backbone back as it was
-            for n, p in _backbone_params(self.model):
+            for n, p in backbone_params(self.model):
                 if n in state.requires_grad:
                     p.requires_grad_(state.requires_grad[n])
             if state.ckpt_hook is not None:

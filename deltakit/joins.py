@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention_joins
-from .positions import is_linear
+from .positions import is_backbone, is_linear
 
 
 class Entry:
@@ -146,7 +146,7 @@ class Site:
                 deltas[n] = deltas[n] + d if n in deltas else d
         values = any(hasattr(e.module, "values") for e in entries)
         if self.fast and not values:   # f(x; p + d) = f(x; p) + f(x; d): one cheap call, no cancellation
-            zeros = {n: torch.zeros_like(p) for n, p in params.items() if n not in deltas and "deltakit" not in n}
+            zeros = {n: torch.zeros_like(p) for n, p in params.items() if n not in deltas and is_backbone(n)}
             return _on_tensor(out, lambda o: o + forward_with(module, {**zeros, **deltas}, args, kwargs))
         if values and all(e.module.gate is None for e in entries) and len(entries) == 1:
             replaced = {n: v.to(params[n].dtype) for n, v in entries[0].module.values().items()}

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from . import joins
-from .checkpoint import atomic_write
+from .io import atomic_write
 from .errors import CheckpointError, listing
-from .positions import backbone_modules
+from .positions import backbone_modules, is_backbone
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."   # PeftModel.base_model (LoraModel) .model (the backbone)
@@ -144,8 +144,7 @@ def _modules_to_save(model, fulls, task) -> list[str]:
 def _merged_state(model, path, fulls) -> dict:
     """The state_dict of the module at `path` as the attached model computes with it: backbone
     values plus the (unmerged, gated) full deltas on it or on its submodules."""
-    state = {k: v.detach().clone() for k, v in joins.submodule(model, path).state_dict().items()
-             if "deltakit" not in k.split(".")}
+    state = {k: v.detach().clone() for k, v in joins.submodule(model, path).state_dict().items() if is_backbone(k)}
     for q, entries in fulls.items():
         if q != path and not q.startswith(f"{path}."):
             continue

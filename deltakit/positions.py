@@ -72,9 +72,22 @@ def module_shape(module) -> tuple:
     return ()
 
 
+HOLDER = "deltakit"   # every delta lives in a child module of this name, next to what it changes
+
+
+def is_backbone(name: str) -> bool:
+    """Is this dotted parameter or module name the backbone's own (not inside a delta holder)?"""
+    return HOLDER not in name.split(".")
+
+
 def backbone_modules(model) -> dict:
     """Named modules, without deltas that deltakit placed in the model."""
-    return {n: m for n, m in model.named_modules() if "deltakit" not in n.split(".")}
+    return {n: m for n, m in model.named_modules() if is_backbone(n)}
+
+
+def backbone_params(module) -> list:
+    """(name, parameter) of the backbone's own parameters, without deltas."""
+    return [(n, p) for n, p in module.named_parameters() if is_backbone(n)]
 
 
 # ---- building the table ------------------------------------------------------------------------
@@ -191,7 +204,7 @@ def family(model) -> Family | None:
 
 
 def _num_params(module) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if "deltakit" not in n.split("."))
+    return sum(p.numel() for _, p in backbone_params(module))
 
 
 class PositionTable(list):

@@ -42,8 +42,8 @@ def summary_rows(handle) -> list[tuple]:
 def summary(handle) -> str:
     from rich.console import Console
     from rich.table import Table
-    from .handle import _backbone_params
-    backbone = sum(p.numel() for _, p in _backbone_params(handle.model))
+    from .positions import backbone_params
+    backbone = sum(p.numel() for _, p in backbone_params(handle.model))
     table = Table(title=f"deltakit handle {handle.name!r} on {type(handle.model).__name__}", title_justify="left")
     for col, justify in (("position", "left"), ("delta", "left"), ("options", "left"), ("n", "right"),
                          ("params each", "right"), ("params", "right")):

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deltakit.checkpoint import atomic_write
+from deltakit.io import atomic_write
 
 from .errors import SearchError
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import deltakit
-from deltakit.checkpoint import atomic_write, write_json
+from deltakit.io import atomic_write, write_json
 
 from . import ckpt, data as datalib
 from .bilevel import first_order_grad, second_order_grad

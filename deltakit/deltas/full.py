@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..positions import backbone_params
 from . import DeltaType
 
 
@@ -22,7 +23,7 @@ class Full(nn.Module):
         super().__init__()
         # ParameterDict keys cannot hold dots: 'dense.weight' is stored as 'dense__weight'
         self.value = nn.ParameterDict({name.replace(".", "__"): nn.Parameter(p.detach().float().clone())
-                                       for name, p in target.named_parameters() if "deltakit" not in name})
+                                       for name, p in backbone_params(target)})
 
     def values(self):
         return {key.replace("__", "."): value for key, value in self.value.items()}
