@@ -5,12 +5,12 @@ of a frozen pretrained model, first of all the CPM family, and search where they
     h = deltakit.attach(model, "lora(r=8,alpha=16)@attn.q,attn.v; adapter(dim=64)@ffn")
     h.summary(); h.save("out"); h.merge(); h.detach()
 """
-from .checkpoint import load
-from .deltas import TYPES as delta_types, DeltaType, register
-from .errors import (CheckpointError, DeltakitError, HandleError, KindError, OptionError, PatternError,
+from .deltas import TYPES as delta_types, Delta, DeltaType, register
+from .errors import (CallError, CheckpointError, DeltakitError, HandleError, KindError, OptionError, PatternError,
                      SpecError, UnknownDeltaType)
-from .handle import Handle, Plan, Planned, SharedPlan, attach, get, handles, plan
-from .positions import Position, positions
+from .handle import Handle, attach, backbone_state_dict, get, handles, load
+from .plan import Plan, Planned, SharedPlan, plan
+from .positions import Position, backbone_params, positions
 
 __version__ = "0.1.0"
 
@@ -22,5 +22,6 @@ def show(model, **kwargs):
 
 
 __all__ = ["attach", "load", "plan", "positions", "show", "get", "handles", "register", "delta_types",
-           "Handle", "Plan", "Planned", "SharedPlan", "Position", "DeltaType", "DeltakitError", "SpecError", "UnknownDeltaType",
-           "OptionError", "PatternError", "KindError", "CheckpointError", "HandleError"]
+           "backbone_params", "backbone_state_dict", "Handle", "Plan", "Planned", "SharedPlan", "Position", "Delta",
+           "DeltaType", "DeltakitError", "SpecError", "UnknownDeltaType", "OptionError", "PatternError", "KindError",
+           "CheckpointError", "HandleError", "CallError"]

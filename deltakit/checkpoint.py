@@ -1,5 +1,6 @@
-"""Save and load deltas only: `deltas.safetensors` + `deltakit.json` (spec, options, a backbone
-fingerprint, versions). Files are written atomically; nothing is unpickled on load."""
+"""The delta checkpoint files: `deltas.safetensors` + `deltakit.json` (spec, options, a backbone
+fingerprint, versions). Only reading and writing them (`deltakit.load` composes plan + attach +
+these); files are written atomically, nothing is unpickled on load."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,7 @@ import torch
 
 from .errors import CheckpointError, listing
 from .io import atomic_write, write_text
-from .positions import backbone_params
+from .positions import backbone_params, family
 
 FORMAT = "deltakit-deltas"
 VERSION = 1
@@ -20,7 +21,6 @@ WEIGHTS, CONFIG = "deltas.safetensors", "deltakit.json"
 
 
 def fingerprint(model, entries) -> dict:
-    from .positions import family
     params = backbone_params(model)
     structure = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in params).encode()).hexdigest()
     sample = hashlib.sha256()
@@ -60,8 +60,8 @@ def describe(handle) -> dict:
         "entries": [{"key": e.key, "position": e.position.name, "path": e.position.path, "type": e.type.name,
                      "options": dataclasses.asdict(e.options), "shape": list(e.position.shape),
                      "num_params": e.num_params} for e in handle.entries],
-        "shared": [{"rule": rule, "type": m.plan.type.name, "num_params": sum(p.numel() for p in m.parameters())}
-                   for rule, m in handle.shared.items()],
+        "shared": [{"rule": rule, "type": handle.shared_plans[rule].type.name,
+                    "num_params": sum(p.numel() for p in m.parameters())} for rule, m in handle.shared_modules.items()],
         "fingerprint": fingerprint(handle.model, handle.entries),
         "versions": _versions(),
     }
@@ -97,13 +97,19 @@ def read_config(path) -> dict:
     return config
 
 
-def load(model, path, name: str | None = None):
-    """Attach the deltas saved at `path` to `model` and load their weights."""
+def read_tensors(path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from .handle import attach, plan
-    config = read_config(path)
-    planned = {p.key: p for p in plan(model, config["spec"])}
+    file = Path(path) / WEIGHTS
+    try:
+        return load_file(str(file))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+
+
+def check_fits(model, config: dict, planned, path):
+    """A CheckpointError that says what differs when the saved deltas do not fit `planned`."""
+    planned = {p.key: p for p in planned}
     saved = {e["key"]: e for e in config["entries"]}
     missing = sorted(set(saved) - set(planned))
     extra = sorted(set(planned) - set(saved))
@@ -118,21 +124,13 @@ def load(model, path, name: str | None = None):
                 missing and f"positions missing here: {listing(missing, 6)}",
                 extra and f"positions only here: {listing(extra, 6)}",
                 wrong and f"shapes differ: {listing(wrong, 6)}") if part))
-    try:
-        tensors = load_file(str(Path(path) / WEIGHTS))
-    except (FileNotFoundError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {Path(path) / WEIGHTS}: {e}") from None
-    handle = attach(model, config["spec"], name=name or config.get("name", "default"))
-    try:
-        handle.load_state_dict(tensors)
-    except BaseException:
-        handle.detach()
-        raise
+
+
+def warn_if_backbone_differs(model, handle, config: dict, path):
     here, there = fingerprint(model, handle.entries), config.get("fingerprint", {})
     if there.get("structure") and here["structure"] != there["structure"]:
         warnings.warn(f"the backbone's parameter names or shapes differ from the one the deltas in {path} were "
-                      f"saved from ({there.get('class')}); the targeted positions fit, so they were loaded", stacklevel=2)
+                      f"saved from ({there.get('class')}); the targeted positions fit, so they were loaded", stacklevel=3)
     elif there.get("sample") and here["sample"] and here["sample"] != there["sample"]:
         warnings.warn(f"the backbone's weights differ from the ones the deltas in {path} were trained on "
-                      f"(another checkpoint of the same architecture?)", stacklevel=2)
-    return handle
+                      f"(another checkpoint of the same architecture?)", stacklevel=3)

@@ -33,7 +33,11 @@ class CheckpointError(DeltakitError):
 
 
 class HandleError(DeltakitError):
-    """A handle was used in a state that does not allow the operation (detached, name taken...)."""
+    """A handle was used in a state that does not allow the operation (detached, merged, name taken...)."""
+
+
+class CallError(DeltakitError, TypeError):
+    """A model with deltas was called in a way its deltas cannot follow (arguments, shapes)."""
 
 
 def nearest(word: str, choices, n: int = 3) -> str:

@@ -1,102 +1,28 @@
-"""attach / plan / the Handle: the lifecycle of a set of deltas on one model."""
+"""attach / load / the Handle: the lifecycle of a set of deltas on one model.
+
+How deltas appear in the model: each delta is a submodule of a `deltakit` ModuleDict child of the
+module it changes (`encoder.layer.0.attention.self.query.deltakit.default-lora-attn_q.lora_A`), so
+`model.parameters()`, `.to()`, `.train()` and `model.state_dict()` see them. Because of that a strict
+`model.load_state_dict(original)` fails on the extra keys after attach: load the backbone with
+`deltakit.backbone_state_dict(model)` / `strict=False`, or before attaching.
+"""
 from __future__ import annotations
 
 import contextlib
 import re
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import joins, spec as specs
-from .deltas import TYPES
-from .errors import HandleError, KindError, PatternError, SpecError, listing
-from .positions import Position, backbone_params, match, positions
+from . import joins
+from .deltas import Delta
+from .errors import CheckpointError, HandleError, listing
+from .joins import fold
+from .plan import Plan, Planned, SharedPlan, plan
+from .positions import HOLDER, backbone_params, is_backbone
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One delta that attach() would build: where, what, with which options, and its size."""
-    position: Position
-    type: object
-    options: object
-    num_params: int
-    rule: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.position.name}.{self.type.name}"
-
-
-@dataclass(frozen=True)
-class SharedPlan:
-    """Parameters one rule shares across its positions (a hypernetwork), counted once."""
-    type: object
-    options: object
-    positions: tuple
-    num_params: int
-    rule: str
-
-
-class Plan(list):
-    """The Planned deltas, plus `shared`: rule text -> SharedPlan. `num_params` counts both."""
-
-    def __init__(self, items=(), shared=None):
-        super().__init__(items)
-        self.shared: dict[str, SharedPlan] = dict(shared or {})
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.num_params for p in self) + sum(s.num_params for s in self.shared.values())
-
-
-def plan(model, spec: str, table: list | None = None) -> Plan:
-    """Resolve a spec against a model without building anything (counts are known up front).
-    Shared parameters (hypernetworks) are in `.shared`, once per rule; `.num_params` is the total."""
-    table = positions(model) if table is None else table
-    planned, seen = Plan(), {}
-    for rule in specs.parse(spec):
-        if rule.type not in TYPES:
-            raise specs.unknown_type(rule.type, TYPES)
-        dtype = TYPES[rule.type]
-        opts = specs.make_options(dtype, rule.options, where=f"in rule {rule.text!r}: ")
-        for pattern in rule.patterns or tuple(p.strip() for p in dtype.default.split(",")):
-            hits = match(model, table, pattern)
-            fits = [p for p in hits if p.kind in dtype.kinds]
-            wildcard = pattern.startswith("re:") or any(c in pattern for c in "*?[") or "-" in pattern
-            wrong = [p for p in hits if p.kind not in dtype.kinds]
-            if not fits or (wrong and not wildcard):
-                p = wrong[0]
-                examples = listing({q.local for q in table if q.kind in dtype.kinds}, 8)
-                raise KindError(f"in rule {rule.text!r}: {dtype.name} cannot go at {p.name!r}, {_article(p.kind)} {p.kind} position; "
-                                f"{dtype.name} takes {', '.join(dtype.kinds)} positions, such as {examples}")
-            sized = [p for p in fits if dtype.count(opts, p) > 0]   # e.g. `full` on a dropout: nothing to tune
-            if not sized:
-                raise KindError(f"in rule {rule.text!r}: {dtype.name} would add no parameters at "
-                                f"{fits[0].name!r} (the module has none); pick a module with parameters")
-            if len(sized) < len(fits) and not wildcard:
-                bad = next(p for p in fits if p not in sized)
-                raise KindError(f"in rule {rule.text!r}: {dtype.name} would add no parameters at {bad.name!r}")
-            for p in sized:
-                item = Planned(p, dtype, opts, dtype.count(opts, p), rule.text)
-                if item.key in seen:
-                    if seen[item.key].rule != rule.text:
-                        raise SpecError(f"{dtype.name} at {p.name!r} is asked for twice, by {seen[item.key].rule!r} "
-                                        f"and {rule.text!r}; keep one (or use a second handle with name=...)")
-                    continue
-                seen[item.key] = item
-                planned.append(item)
-        if dtype.shared is not None:
-            where = tuple(p.position for p in planned if p.rule == rule.text)
-            planned.shared[rule.text] = SharedPlan(dtype, opts, where, dtype.shared_count(opts, where), rule.text)
-    return planned
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
 
 
 # ---- per-model bookkeeping ---------------------------------------------------------------------
@@ -107,6 +33,7 @@ class _ModelState:
         # requires_grad of every backbone parameter before the first attach, restored by the last detach
         self.requires_grad = {n: p.requires_grad for n, p in backbone_params(model)}
         self.ckpt_hook = _input_grad_hook(model)
+        self.merges: list = []   # (handle name, ids of the parameters it wrote), in merge order
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
@@ -139,7 +66,20 @@ def handles(model) -> dict:
     return dict(state.handles) if state else {}
 
 
-# ---- attach ------------------------------------------------------------------------------------
+def get(model, name: str = "default") -> "Handle":
+    state = _STATES.get(model)
+    if state is None or name not in state.handles:
+        have = ", ".join(state.handles) if state else "none"
+        raise HandleError(f"no handle named {name!r} on this model (attached: {have})")
+    return state.handles[name]
+
+
+def backbone_state_dict(model) -> dict:
+    """The model's state_dict without the deltas: what `model.state_dict()` held before attach."""
+    return {k: v for k, v in model.state_dict().items() if is_backbone(k)}
+
+
+# ---- attach and load ---------------------------------------------------------------------------
 
 def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool = True,
            dtype: torch.dtype | None = None) -> "Handle":
@@ -157,9 +97,17 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
         raise HandleError(f"a handle named {name!r} is already attached to this model; "
                           f"detach it first or pass name=... (attached: {', '.join(state.handles)})")
     planned = plan(model, spec)
-    if state is None:
-        state = _STATES[model] = _ModelState(model)
-    handle = Handle(model, name, spec, planned, dtype)
+    fresh = state is None
+    if fresh:   # before any delta exists: it snapshots the backbone's requires_grad
+        state = _ModelState(model)
+    try:
+        handle = Handle(model, name, spec, planned, dtype)
+    except BaseException:
+        if fresh and state.ckpt_hook is not None:   # a failed first attach leaves nothing behind
+            state.ckpt_hook.remove()
+        raise
+    if fresh:
+        _STATES[model] = state
     state.handles[name] = handle
     if freeze:
         for _, p in backbone_params(model):
@@ -167,23 +115,45 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
     return handle
 
 
+def load(model, path, name: str | None = None) -> "Handle":
+    """Attach the deltas saved at `path` (by `Handle.save`) to `model` and load their weights.
+    A clear CheckpointError when they do not fit; a warning when the backbone differs but they fit."""
+    from . import checkpoint
+    config = checkpoint.read_config(path)
+    checkpoint.check_fits(model, config, plan(model, config["spec"]), path)
+    tensors = checkpoint.read_tensors(path)
+    handle = attach(model, config["spec"], name=name or config.get("name", "default"))
+    try:
+        handle.load_state_dict(tensors)
+    except BaseException:
+        handle.detach()
+        raise
+    checkpoint.warn_if_backbone_differs(model, handle, config, path)
+    return handle
+
+
+# ---- the handle --------------------------------------------------------------------------------
+
 class Handle:
     """The deltas of one attach() call. See the README for the lifecycle."""
 
-    def __init__(self, model, name, spec, planned, dtype=None):
+    def __init__(self, model, name: str, spec: str, planned: Plan, dtype=None):
         self.model, self.name, self.spec = model, name, spec
         self.enabled = True
         self.entries: list[joins.Entry] = []
-        self.shared: dict[str, nn.Module] = {}   # rule text -> its shared module (hypernetwork)
+        self.shared_modules: dict[str, nn.Module] = {}   # rule text -> its shared module (hypernetwork)
+        self.shared_plans: dict[str, SharedPlan] = dict(planned.shared)
+        self.originals: dict = {}   # (module, param name) -> value before merge() wrote to it
         try:
-            for i, (rule, sp) in enumerate(getattr(planned, "shared", {}).items()):
-                self.shared[rule] = self._build_shared(i, sp, dtype)
+            for i, (rule, sp) in enumerate(planned.shared.items()):
+                self.shared_modules[rule] = self._build_shared(i, sp, dtype)
             for item in planned:
                 self.entries.append(self._build(item, dtype))
         except BaseException:
             self._remove_entries()
             raise
 
+    # -- building ----------------------------------------------------------------------------
     @staticmethod
     def _device_dtype(target, dtype):
         ref = next(iter(target.parameters()), None)
@@ -194,43 +164,37 @@ class Handle:
 
     @staticmethod
     def _holder(target) -> nn.ModuleDict:
-        holder = target._modules.get("deltakit")
+        holder = target._modules.get(HOLDER)
         if holder is None:
             holder = nn.ModuleDict()
-            target.add_module("deltakit", holder)
+            target.add_module(HOLDER, holder)
         return holder
 
     def _build_shared(self, index: int, sp: SharedPlan, dtype):
         """A rule's shared module lives in the model's top-level `deltakit` holder."""
         device, dtype = self._device_dtype(self.model, dtype)
         with torch.device(device):
-            module = sp.type.shared(sp.options, sp.positions).to(dtype)
+            module = sp.type.build_shared(sp.options, sp.positions).to(dtype)
         module.train(self.model.training)
         self._holder(self.model)[f"{self.name}-shared-{index}"] = module
-        module.plan = sp
         return module
 
-    def _build(self, item: Planned, dtype):
+    def _build(self, item: Planned, dtype) -> joins.Entry:
         pos = item.position
-        target = joins.submodule(self.model, pos.path)
+        target = joins.site.submodule(self.model, pos.path)
         device, dtype = self._device_dtype(target, dtype)
-        extra = {"shared": self.shared[item.rule]} if item.type.shared is not None else {}
+        extra = {"shared": self.shared_modules[item.rule]} if item.type.build_shared is not None else {}
         with torch.device(device):   # on the meta device a 10B plan costs no memory
             module = item.type.build(item.options, pos, target, **extra).to(dtype)
+        if not isinstance(module, Delta):
+            raise HandleError(f"delta type {item.type.name!r} built a {type(module).__name__}; a delta module must "
+                              f"subclass deltakit.deltas.Delta (it declares the gate the engine reads)")
         module.train(target.training)   # an eval() model must not get deltas with dropout on
-        module.gate = None
         holder = self._holder(target)
-        slot = f"{self.name}-{item.type.name}-{pos.local.replace('.', '_')}"
-        holder[slot] = module
-        entry = joins.Entry(self, pos, item.type, item.options, module, item.key)
-        entry.rule = item.rule
-        try:
-            joins.install(entry, self.model)
-        except BaseException:
-            del holder[slot]
-            if not len(holder):
-                del target._modules["deltakit"]
-            raise
+        holder[f"{self.name}-{item.type.name}-{pos.local.replace('.', '_')}"] = module
+        entry = joins.Entry(self, pos, item.type, item.options, module, item.rule, item.type.join_at(item.options, pos))
+        entry.undo.append(lambda: _drop(target, module))
+        joins.install(entry, self.model)   # on failure it undoes itself, the submodule included
         return entry
 
     # -- inspection --------------------------------------------------------------------------
@@ -238,7 +202,7 @@ class Handle:
         for e in self.entries:
             for n, p in e.module.named_parameters():
                 yield f"{e.key}.{n}", p
-        for i, module in enumerate(self.shared.values()):   # shared parameters: once
+        for i, module in enumerate(self.shared_modules.values()):   # shared parameters: once
             for n, p in module.named_parameters():
                 yield f"shared.{i}.{n}", p
 
@@ -257,21 +221,21 @@ class Handle:
         return {n: p.detach() for n, p in self.named_parameters()}
 
     def load_state_dict(self, tensors: dict, strict: bool = True):
-        from .errors import CheckpointError
+        fold.refuse_while_merged(self, "loading delta weights")
         own = dict(self.named_parameters())
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
         if strict and (missing or unexpected):
             raise CheckpointError(f"delta weights do not fit handle {self.name!r}: missing {listing(missing, 5) or 'none'}; "
                                   f"unexpected {listing(unexpected, 5) or 'none'}")
+        wrong = [f"{k}: {tuple(v.shape)} given, {tuple(own[k].shape)} here" for k, v in tensors.items()
+                 if k in own and tuple(own[k].shape) != tuple(v.shape)]
+        if wrong:   # checked before anything is copied: a failed load changes nothing
+            raise CheckpointError(f"delta weights of handle {self.name!r} have other shapes: {listing(wrong, 5)}")
         with torch.no_grad():
             for key, value in tensors.items():
-                if key not in own:
-                    continue
-                if tuple(own[key].shape) != tuple(value.shape):
-                    raise CheckpointError(f"delta weight {key} has shape {tuple(value.shape)} in the checkpoint but "
-                                          f"{tuple(own[key].shape)} here")
-                own[key].copy_(value)
+                if key in own:
+                    own[key].copy_(value)
 
     def summary(self) -> str:
         from .report import summary
@@ -302,31 +266,41 @@ class Handle:
     def merged(self) -> bool:
         return any(e.merged for e in self.entries)
 
-    def merge(self) -> list[str]:
+    def merge(self, keep_original: bool = True) -> list[str]:
         """Fold every foldable delta into the backbone weights; returns the keys that stay live
-        (adapters, or bias deltas on modules without a bias)."""
-        live = []
-        for e in self.entries:
-            if e.merged:
-                continue
-            if joins.fold(e, self.model, +1):
-                e.merged = True
-            else:
-                live.append(e.key)
-        return live
+        (adapters, prefixes, prompts, bias deltas on modules without a bias). keep_original keeps a
+        copy of each weight written to, so unmerge() restores it bit for bit (deltakit/joins/fold.py)."""
+        return fold.merge(self, keep_original)
 
     def unmerge(self):
-        """Take folded deltas back out of the weights (exact up to float rounding)."""
-        for e in self.entries:
-            if e.merged:
-                joins.fold(e, self.model, -1)
-                e.merged = False
+        """Take folded deltas back out of the weights (bit-exact with keep_original=True)."""
+        fold.unmerge(self)
+
+    # the order of merges across handles on one model, so unmerges can be checked against it
+    def merge_record(self, param_ids: set):
+        state = _STATES[self.model]
+        state.merges = [(n, ids) for n, ids in state.merges if n != self.name] + [(self.name, param_ids)]
+
+    def check_unmerge_order(self):
+        merges = _STATES[self.model].merges
+        names = [n for n, _ in merges]
+        if self.name not in names:
+            return
+        i = names.index(self.name)
+        later = [n for n, ids in merges[i + 1:] if ids & merges[i][1]]
+        if later:
+            raise HandleError(f"handle {self.name!r} cannot unmerge before {listing(later)}: they were merged later into "
+                              f"the same weights; unmerge them first")
+
+    def unmerge_record(self):
+        state = _STATES[self.model]
+        state.merges = [(n, ids) for n, ids in state.merges if n != self.name]
 
     # -- tasks (hypernetwork deltas) ---------------------------------------------------------
     def set_task(self, ids):
         """Which task the hypernetworks generate deltas for: one int, or a (batch,) tensor of task ids
         (one per example, so a batch may mix tasks)."""
-        nets = [m for m in self.shared.values() if hasattr(m, "set_task")]
+        nets = [m for m in self.shared_modules.values() if hasattr(m, "set_task")]
         if not nets:
             raise HandleError(f"handle {self.name!r} has no task-conditioned deltas (hyper(...)); set_task() does not apply")
         for m in nets:
@@ -336,20 +310,9 @@ class Handle:
         """Plain deltas (adapter/LoRA/prefix) holding the weights the hypernetworks generate for `task`;
         other deltas of this handle are copied as they are. This handle is detached first (keep=True
         leaves it attached but disabled). Returns the new handle (merge, save, export it as usual)."""
-        from .spec import format_options
-        groups: dict = {}
-        weights: dict = {}
-        for e in self.entries:
-            if hasattr(e.module, "materialize"):
-                tname, opts = e.module.plain()
-                tensors = e.module.materialize(task)
-            else:
-                tname, opts = e.type.name, format_options(e.options)
-                tensors = {n: p.detach().clone() for n, p in e.module.named_parameters()}
-            groups.setdefault((tname, opts), []).append(e.position.name)
-            weights.update({f"{e.position.name}.{tname}.{n}": t for n, t in tensors.items()})
-        spec = "; ".join(f"{t}({o})@{','.join(where)}" if o else f"{t}@{','.join(where)}"
-                         for (t, o), where in groups.items())
+        from .deltas.hyper import plain_deltas
+        fold.refuse_while_merged(self, "materialize()")
+        spec, weights = plain_deltas(self, task)
         if keep:
             self.enabled = False
         else:
@@ -360,8 +323,8 @@ class Handle:
 
     # -- saving ------------------------------------------------------------------------------
     def save(self, path, format: str = "deltakit"):
-        from . import checkpoint
         if format == "deltakit":
+            from . import checkpoint
             return checkpoint.save(self, path)
         if format == "peft":
             from . import peft_export
@@ -375,7 +338,10 @@ class Handle:
         state = _STATES.get(self.model)
         if state is None or state.handles.get(self.name) is not self:
             raise HandleError(f"handle {self.name!r} is not attached (already detached?)")
-        if not keep_merged:
+        if keep_merged:
+            self.originals.clear()
+            self.unmerge_record()
+        else:
             self.unmerge()
         self._remove_entries()
         del state.handles[self.name]
@@ -388,29 +354,20 @@ class Handle:
             del _STATES[self.model]
 
     def _remove_entries(self):
-        holder = self.model._modules.get("deltakit")
-        for module in self.shared.values():
-            if holder is not None:
-                for key in [k for k, m in holder.items() if m is module]:
-                    del holder[key]
-        if holder is not None and not len(holder):
-            del self.model._modules["deltakit"]
-        self.shared = {}
+        for module in self.shared_modules.values():
+            _drop(self.model, module)
+        self.shared_modules = {}
         for e in self.entries:
             joins.uninstall(e)
-            target = joins.submodule(self.model, e.position.path)
-            holder = target._modules.get("deltakit")
-            if holder is not None:
-                for key in [k for k, m in holder.items() if m is e.module]:
-                    del holder[key]
-                if len(holder) == 0:
-                    del target._modules["deltakit"]
         self.entries = []
 
 
-def get(model, name: str = "default") -> Handle:
-    state = _STATES.get(model)
-    if state is None or name not in state.handles:
-        have = ", ".join(state.handles) if state else "none"
-        raise HandleError(f"no handle named {name!r} on this model (attached: {have})")
-    return state.handles[name]
+def _drop(target, module):
+    """Remove `module` from `target`'s deltakit holder (and the holder once it is empty)."""
+    holder = target._modules.get(HOLDER)
+    if holder is None:
+        return
+    for key in [k for k, m in holder.items() if m is module]:
+        del holder[key]
+    if not len(holder):
+        del target._modules[HOLDER]

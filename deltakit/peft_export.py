@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import joins
+from .joins.site import gated, submodule
 from .io import atomic_write
 from .errors import CheckpointError, listing
 from .positions import backbone_modules, is_backbone
@@ -75,7 +75,7 @@ def save(handle, path) -> Path:
 
     tensors, shapes, dropouts, conv1d = {}, {}, set(), False
     for p, entries in loras.items():
-        module = joins.submodule(model, p)
+        module = submodule(model, p)
         A, B, alpha = _lora(module, entries)
         tensors[f"{PREFIX}{p}.lora_A.weight"], tensors[f"{PREFIX}{p}.lora_B.weight"] = A, B
         shapes[p] = (A.shape[0], alpha)
@@ -144,7 +144,7 @@ def _modules_to_save(model, fulls, task) -> list[str]:
 def _merged_state(model, path, fulls) -> dict:
     """The state_dict of the module at `path` as the attached model computes with it: backbone
     values plus the (unmerged, gated) full deltas on it or on its submodules."""
-    state = {k: v.detach().clone() for k, v in joins.submodule(model, path).state_dict().items() if is_backbone(k)}
+    state = {k: v.detach().clone() for k, v in submodule(model, path).state_dict().items() if is_backbone(k)}
     for q, entries in fulls.items():
         if q != path and not q.startswith(f"{path}."):
             continue
@@ -152,7 +152,13 @@ def _merged_state(model, path, fulls) -> dict:
         for e in entries:
             if e.merged:   # already folded into the backbone values read above
                 continue
-            for (_, name), delta in joins.weight_deltas(e, model).items():
+            for (_, name), delta in _full_changes(e).items():
                 key = f"{rel}.{name}" if rel else name
                 state[key] += delta.to(state[key])
     return state
+
+
+def _full_changes(entry) -> dict:
+    """{(module, name): change} of a full delta: its (gated) values minus the backbone's."""
+    params = dict(entry.target.named_parameters())
+    return {(entry.target, n): gated(entry, v - params[n]).detach() for n, v in entry.module.new_params(params).items()}

@@ -22,7 +22,7 @@ from .families import FAMILIES, Family, Slice, Sub
 class Position:
     name: str                  # canonical name, e.g. "layers.3.attn.q" or "encoder.layers.0.ffn"
     path: str                  # raw path of the module deltas attach to
-    kind: str                  # linear | norm | attention | block | embed | module
+    kind: str                  # linear | norm | attention | block | embed | rows | module
     shape: tuple               # linear: (in, out); norm/attention/block: (dim,); embed: (rows, dim)
     local: str = ""            # name inside one layer ("attn.q"), or the model-level name
     stack: str | None = None
@@ -32,6 +32,18 @@ class Position:
     out: str | None = None      # sub-blocks: module whose output is the residual branch
     params: int = 0             # parameters of the module at `path` (what `full` would tune)
     kv: int | None = None       # attention sub-blocks: width of the projected keys (what a prefix needs)
+    raw: bool = False           # found by a `re:` pattern, outside the canonical table
+
+    @property
+    def pattern(self) -> str:
+        """A spec pattern that selects this position again (what a rebuilt spec writes)."""
+        return f"re:{re.escape(self.path)}" if self.raw else self.name
+
+    @property
+    def width(self) -> int:
+        """The width of what the position puts out: a projection's out features (of its slice),
+        else the hidden size of the norm, sub-block or embedding."""
+        return self.shape[1] if self.kind in ("linear", "embed", "rows") else self.shape[0]
 
     def __str__(self):
         return f"{self.name:<28} {self.kind:<9} {str(self.shape):<14} {self.path}"
@@ -99,8 +111,10 @@ def _kind_of(local: str, module) -> str:
         return "block"
     if local.startswith("ln."):
         return "norm"
-    if local in ("embed", "prompt"):   # `prompt`: a native prompt table (CPM-Ant's prompt_embedding)
+    if local == "embed":
         return "embed"
+    if local == "prompt":   # a native prompt table whose rows are picked by task id (CPM-Ant's prompt_embedding)
+        return "rows"
     return module_kind(module)
 
 
@@ -179,7 +193,7 @@ def _family_positions(family: Family, modules: dict) -> list:
                 local = name[len(stack) + 1:] if stack else name
                 kind = _kind_of(local, module)
                 shape = module_shape(module)
-                if kind == "embed" and not shape and hasattr(module, "weight"):   # an embedding that is not nn.Embedding
+                if kind in ("embed", "rows") and not shape and hasattr(module, "weight"):   # not an nn.Embedding
                     shape = tuple(module.weight.shape)
                 out.append(Position(name, path, kind, shape, local, stack))
                 break
@@ -311,7 +325,7 @@ def _match_regex(model, table, pattern) -> list[Position]:
     for path, module in modules.items():
         if path and regex.fullmatch(path):
             hits.append(by_path.get(path) or Position(path, path, module_kind(module), module_shape(module), path,
-                                                      params=_num_params(module)))
+                                                      params=_num_params(module), raw=True))
     if not hits:
         raise PatternError(f"regex {pattern!r} matches no module name (it must match a whole path such as "
                            f"{next((n for n in modules if n.count('.') >= 2), 'encoder.layer.0')!r}; "

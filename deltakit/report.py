@@ -1,6 +1,8 @@
 """Text reports: a handle's summary table (repeated layers folded into ranges)."""
 from __future__ import annotations
 
+import io
+
 from .spec import format_options
 
 
@@ -32,8 +34,8 @@ def summary_rows(handle) -> list[tuple]:
         if stack:
             where = f"{stack}.{where}"
         rows.append((where, tname, opts, len(layers), each, each * len(layers)))
-    for module in handle.shared.values():   # a hypernetwork: counted once, for all its positions
-        sp = module.plan
+    for rule, module in handle.shared_modules.items():   # a hypernetwork: counted once, for all its positions
+        sp = handle.shared_plans[rule]
         n = sum(p.numel() for p in module.parameters())
         rows.append((f"shared by {len(sp.positions)} positions", sp.type.name, format_options(sp.options), 1, n, n))
     return rows
@@ -55,6 +57,6 @@ def summary(handle) -> str:
     table.caption = (f"{handle.num_trainable:,} trainable delta params{merged} = {pct:.4f}% of "
                      f"{backbone:,} backbone params")
     table.caption_justify = "left"
-    console = Console(width=110, record=True, file=open("/dev/null", "w"), color_system=None)
+    console = Console(width=110, record=True, file=io.StringIO(), color_system=None)
     console.print(table)
     return console.export_text()

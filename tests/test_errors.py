@@ -34,7 +34,7 @@ def plan_error(spec, cls=DeltakitError) -> str:
 def test_every_error_is_a_deltakit_error():
     classes = [obj for _, obj in inspect.getmembers(errors, inspect.isclass) if issubclass(obj, Exception)]
     assert set(classes) == {DeltakitError, SpecError, UnknownDeltaType, OptionError, PatternError, KindError,
-                            CheckpointError, HandleError}
+                            CheckpointError, HandleError, errors.CallError}
     for cls in classes:
         assert issubclass(cls, DeltakitError)
     for cls in (UnknownDeltaType, OptionError, PatternError, KindError):
@@ -52,7 +52,7 @@ def test_spec_errors_are_value_errors():
 
 def test_errors_are_exported():
     for name in ("DeltakitError", "SpecError", "UnknownDeltaType", "OptionError", "PatternError", "KindError",
-                 "CheckpointError", "HandleError"):
+                 "CheckpointError", "HandleError", "CallError"):
         assert getattr(deltakit, name) is getattr(errors, name)
         assert name in deltakit.__all__
 

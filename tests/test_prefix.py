@@ -261,10 +261,10 @@ def test_native_cpmant_prefix_joins_through_kv_prefix_and_generates_with_cache(t
 
 def test_kv_prefix_attribute_is_used_on_a_stand_in_module():
     """Any attention module with a `kv_prefix` attribute gets the prefix through it (data-driven)."""
-    from deltakit import attention_joins as aj
-    assert aj.prefix_joiner(native_tiny().encoder.layers[0].self_att.self_attention) is aj._join_native
-    assert aj.prefix_joiner(tm.make("llama").model.layers[0].self_attn) is aj._join_interface
-    assert aj.prefix_joiner(tm.make("cpmant").cpmant.encoder.layers[0].self_att.self_attention) is aj._join_cache
+    from deltakit.joins import prefix as pj
+    assert pj.prefix_joiner(native_tiny().encoder.layers[0].self_att.self_attention) is pj.NativeSite
+    assert pj.prefix_joiner(tm.make("llama").model.layers[0].self_attn) is pj.InterfaceSite
+    assert pj.prefix_joiner(tm.make("cpmant").cpmant.encoder.layers[0].self_att.self_attention) is pj.CacheSite
 
 
 @pytest.mark.parametrize("spec", ["prefix(n=4)@attn", "prefix(n=4,mlp=16)@attn", "prompt(n=4)"])

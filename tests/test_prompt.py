@@ -62,9 +62,9 @@ def test_prompt_sees_inputs_and_token_types_are_shifted():
     probe.remove()
     assert seen[0].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1]]
     # at=1: the prompt goes after [CLS]; the insertion keeps every other row in order
-    from deltakit.attention_joins import _insert
+    from deltakit.joins.prompt import insert
     x = torch.arange(6.)[None, :, None]
-    got = _insert(x, torch.tensor([1]), torch.full((1, 2, 1), -1.), 2)
+    got = insert(x, torch.tensor([1]), torch.full((1, 2, 1), -1.), 2)
     assert got[0, :, 0].tolist() == [0, -1, -1, 1, 2, 3, 4, 5]
     h.detach()
 

@@ -115,7 +115,7 @@ def load_cpm1(path, config=None, dtype: torch.dtype = torch.float32):
         if rows is None:
             raise CheckpointError(f"{path} holds no 'word_embeddings.weight': it is not a CPM-1 checkpoint")
         config = config_2_6b(vocab_size=rows.shape[0])
-    return mg.materialise(build(config, "meta"), convert_state_dict(merged, config), f"CPM-1 checkpoint {path}")
+    return mg.materialize(build(config, "meta"), convert_state_dict(merged, config), f"CPM-1 checkpoint {path}")
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def convert_state_dict(megatron_sd: dict, config=None) -> dict:
             raise CheckpointError(f"{key!r} of shape {tuple(t.shape)} cannot be split into {len(templates)} parts")
         for template, part in zip(templates, t.chunk(len(templates), 0)):
             out[template.format(**fields)] = part.contiguous()
-    return out   # shapes are checked against the config by megatron.materialise when the model is filled
+    return out   # shapes are checked against the config by megatron.materialize when the model is filled
 
 
 def load_cpm2(path, config=None, dtype: torch.dtype = torch.float32):
@@ -150,4 +150,4 @@ def load_cpm2(path, config=None, dtype: torch.dtype = torch.float32):
             raise CheckpointError(f"{path} holds no 'word_embeds.weight': it is not a CPM-2 checkpoint")
         config = config_11b(rows.shape[0])
     model = build(config, "meta")
-    return mg.materialise(model, convert_state_dict(merged, config), f"CPM-2 checkpoint {path}")
+    return mg.materialize(model, convert_state_dict(merged, config), f"CPM-2 checkpoint {path}")

@@ -209,7 +209,7 @@ def load_merged(path, rules, dtype: torch.dtype | None = None) -> dict:
     return merge(load_shards(path), rules, dtype)
 
 
-def materialise(model, state_dict: dict, what: str = "checkpoint"):
+def materialize(model, state_dict: dict, what: str = "checkpoint"):
     """Put real tensors into a meta-built model; a CheckpointError on missing, extra or mis-shaped tensors."""
     expected = model.state_dict()
     tied = set(model.all_tied_weights_keys) if hasattr(model, "all_tied_weights_keys") else set()

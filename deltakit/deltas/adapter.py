@@ -9,45 +9,45 @@ from typing import Literal
 from torch import nn
 
 from ..spec import check
-from . import DeltaType
+from . import Delta, DeltaType
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+Act = Literal["relu", "gelu", "silu", "tanh"]   # the keys of ACTIVATIONS, for Options fields
 
 
 @dataclass(frozen=True)
 class Options:
     dim: int = 64                                          # bottleneck width
-    act: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    act: Act = "relu"
 
     def __post_init__(self):
         check(self.dim >= 1, f"adapter option dim={self.dim} must be at least 1")
 
 
-class Adapter(nn.Module):
-    def __init__(self, hidden: int, opts: Options):
+class Adapter(Delta):
+    """up(act(down(x))) * scale, from fan_in to fan_out features through `dim`; up starts at zero."""
+
+    def __init__(self, fan_in: int, fan_out: int, dim: int, act: str, scale: float = 1.0):
         super().__init__()
-        self.down = nn.Linear(hidden, opts.dim)
-        self.act = ACTIVATIONS[opts.act]()
-        self.up = nn.Linear(opts.dim, hidden)
+        self.down = nn.Linear(fan_in, dim)
+        self.act = ACTIVATIONS[act]()
+        self.up = nn.Linear(dim, fan_out)
+        self.scale = scale
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h):
-        return self.up(self.act(self.down(h)))
-
-
-def hidden_size(pos) -> int:
-    """Width of what the adapter sees: a projection's output, or a sub-block's hidden size."""
-    return pos.shape[1] if pos.kind == "linear" else pos.shape[0]
+        out = self.up(self.act(self.down(h.to(self.down.weight.dtype))))
+        return out if self.scale == 1.0 else out * self.scale
 
 
 def count(opts: Options, pos) -> int:
-    d = hidden_size(pos)
+    d = pos.width
     return 2 * d * opts.dim + opts.dim + d
 
 
 def build(opts: Options, pos, target) -> Adapter:
-    return Adapter(hidden_size(pos), opts)
+    return Adapter(pos.width, pos.width, opts.dim, opts.act)
 
 
 TYPE = DeltaType("adapter", Options, kinds=("attention", "block", "linear"), join="sequential",

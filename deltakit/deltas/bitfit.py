@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import DeltaType
+from . import Delta, DeltaType
 
 
 @dataclass(frozen=True)
@@ -15,28 +15,24 @@ class Options:
     pass
 
 
-class BitFit(nn.Module):
+class BitFit(Delta):
     def __init__(self, width: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(width))
 
     def forward(self, x):
-        return self.bias   # the same for every input: a parallel delta that folds into a bias
+        return self.bias   # the same for every input (which it does not read, nor cast)
 
     def merge_delta(self):
         return {"bias": self.bias}
 
 
-def width(pos) -> int:
-    return pos.shape[1] if pos.kind == "linear" else pos.shape[0]
-
-
 def count(opts: Options, pos) -> int:
-    return width(pos)
+    return pos.width
 
 
 def build(opts: Options, pos, target) -> BitFit:
-    return BitFit(width(pos))
+    return BitFit(pos.width)
 
 
 TYPE = DeltaType("bitfit", Options, kinds=("linear", "norm", "attention", "block"), join="parallel",

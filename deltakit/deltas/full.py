@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..positions import backbone_params
-from . import DeltaType
+from . import Delta, DeltaType
 
 
 @dataclass(frozen=True)
@@ -18,14 +17,14 @@ class Options:
     pass
 
 
-class Full(nn.Module):
+class Full(Delta):
     def __init__(self, target: nn.Module):
         super().__init__()
         # ParameterDict keys cannot hold dots: 'dense.weight' is stored as 'dense__weight'
         self.value = nn.ParameterDict({name.replace(".", "__"): nn.Parameter(p.detach().float().clone())
                                        for name, p in backbone_params(target)})
 
-    def values(self):
+    def new_params(self, params):
         return {key.replace("__", "."): value for key, value in self.value.items()}
 
 
@@ -37,6 +36,6 @@ def build(opts: Options, pos, target) -> Full:
     return Full(target)
 
 
-TYPE = DeltaType("full", Options, kinds=("linear", "norm", "embed", "module", "attention", "block"),
+TYPE = DeltaType("full", Options, kinds=("linear", "norm", "embed", "rows", "module", "attention", "block"),
                  join="reparam", count=count, build=build, default="head",
                  doc="tune every parameter of a module (e.g. a classification head), mergeable")

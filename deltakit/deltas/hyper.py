@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HandleError
-from ..spec import check
-from . import DeltaType
-from .adapter import ACTIVATIONS, hidden_size
+from ..spec import check, format_options
+from . import Delta, DeltaType
+from .adapter import ACTIVATIONS, Act
 
 KINDS = {"adapter": ("attention", "block", "linear"), "lora": ("linear",), "prefix": ("attention",)}
 JOINS = {"adapter": "sequential", "lora": "parallel", "prefix": "prefix"}
@@ -41,7 +41,7 @@ class Options:
     emb: int = 8          # task and source embedding size
     hidden: int = 32      # hypernetwork width
     dim: int = 16         # adapter: bottleneck
-    act: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    act: Act = "relu"
     r: int = 4            # lora: rank
     alpha: float = 8.0    # lora: scale alpha / r
     n: int = 8            # prefix: vectors
@@ -54,7 +54,7 @@ class Options:
 def shapes(opts: Options, pos) -> dict:
     """Name -> shape of each tensor generated at `pos` (the plain delta's parameters)."""
     if opts.delta == "adapter":
-        h = hidden_size(pos)
+        h = pos.width
         return {"down.weight": (opts.dim, h), "down.bias": (opts.dim,), "up.weight": (h, opts.dim), "up.bias": (h,)}
     if opts.delta == "lora":
         fan_in, fan_out = pos.shape
@@ -97,19 +97,27 @@ class HyperNet(nn.Module):
                 nn.init.normal_(head.bias, std=0.5 if name in ("key", "value") else 0.0)
                 heads[name.replace(".", "_")] = head
             self.heads[sig] = heads
-        self.task = torch.zeros((), dtype=torch.long)
+        # the tasks of the current batch, as set_task() found them once (not on every forward):
+        # the distinct ids, and for each example the index of its id among them
+        self.register_buffer("task_ids", torch.zeros(1, dtype=torch.long), persistent=False)
+        self.register_buffer("task_index", torch.zeros(1, dtype=torch.long), persistent=False)
 
     def set_task(self, ids):
-        ids = torch.as_tensor(ids, dtype=torch.long)
+        ids = torch.as_tensor(ids, dtype=torch.long).cpu()
         if ids.dim() > 1 or (ids.numel() and (ids.min() < 0 or ids.max() >= self.opts.tasks)):
             raise HandleError(f"task ids must be one int or a (batch,) tensor of ints in [0, {self.opts.tasks}); "
                               f"got {ids.tolist()}")
-        self.task = ids
+        tasks, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        if len(tasks) == 1:   # one task for the whole batch: one set of weights, applied as a plain delta
+            inverse = inverse[:1]
+        self.task_ids = tasks.to(self.task_ids.device)
+        self.task_index = inverse.to(self.task_index.device)
 
-    def generate(self, source, sig: str, shapes_: dict, task=None) -> dict:
+    def generate(self, source, sig: str, shapes_: dict, task: int | None = None) -> dict:
         """{name: (b, *shape)}, b = 1 for one task, batch for per-example task ids."""
-        ids = (self.task if task is None else torch.as_tensor(task)).to(source.device).reshape(-1)
-        uniq, inverse = torch.unique(ids, return_inverse=True)
+        uniq, inverse = self.task_ids, self.task_index
+        if task is not None:
+            uniq, inverse = torch.full_like(uniq[:1], task), torch.zeros_like(inverse[:1])
         src = torch.cat([self.task_embedding(uniq), source[None].expand(len(uniq), -1)], dim=-1)
         # ReLU features scaled to sum to one: each generated tensor is a convex mixture of `hidden`
         # basis tensors (plus the head's bias). So one AdamW step moves it by at most lr per element,
@@ -117,8 +125,6 @@ class HyperNet(nn.Module):
         # faster, and at a plain delta's learning rate the generated deltas swamp the backbone.
         h = F.normalize(self.mlp(src), p=1, dim=-1, eps=1e-6)
         heads = self.heads[sig]
-        if len(uniq) == 1:   # one task for the whole batch: one set of weights, applied as a plain delta
-            inverse = inverse[:1]
         return {name: heads[name.replace(".", "_")](h)[inverse].view(len(inverse), *shape) for name, shape in shapes_.items()}
 
 
@@ -140,7 +146,7 @@ def _apply(x, w, b=None):
     return out.reshape(*x.shape[:-1], w.shape[1])
 
 
-class HyperDelta(nn.Module):
+class HyperDelta(Delta):
     """The delta at one position: its source embedding; the weights come from the shared HyperNet."""
 
     def __init__(self, opts: Options, pos, shared: HyperNet):
@@ -159,6 +165,7 @@ class HyperDelta(nn.Module):
         if self.opts.delta == "prefix":   # x is the batch size
             _check_batch(w["key"].shape[0], x)
             return w["key"], w["value"]
+        x = x.to(self.source.dtype)
         if self.opts.delta == "adapter":
             return _apply(self.act(_apply(x, w["down.weight"], w["down.bias"])), w["up.weight"], w["up.bias"])
         return _apply(_apply(x, w["lora_A"]), w["lora_B"]) * (self.opts.alpha / self.opts.r)
@@ -172,14 +179,34 @@ class HyperDelta(nn.Module):
 
     def materialize(self, task: int) -> dict:
         with torch.no_grad():
-            return {n: t[0].detach().clone() for n, t in self.generated(torch.tensor([task])).items()}
+            return {n: t[0].detach().clone() for n, t in self.generated(task).items()}
+
+
+def plain_deltas(handle, task: int) -> tuple[str, dict]:
+    """(spec, weights) of plain deltas holding what the handle's hypernetworks generate for `task`;
+    its other deltas are copied as they are. The spec names each position as a pattern that selects
+    it again (a `re:` pattern for raw module names), so `attach(model, spec)` rebuilds them."""
+    groups: dict = {}
+    weights: dict = {}
+    for e in handle.entries:
+        if isinstance(e.module, HyperDelta):
+            tname, opts = e.module.plain()
+            tensors = e.module.materialize(task)
+        else:
+            tname, opts = e.type.name, format_options(e.options)
+            tensors = {n: p.detach().clone() for n, p in e.module.named_parameters()}
+        groups.setdefault((tname, opts), []).append(e.position.pattern)
+        weights.update({f"{e.position.name}.{tname}.{n}": t for n, t in tensors.items()})
+    spec = "; ".join(f"{t}({o})@{','.join(where)}" if o else f"{t}@{','.join(where)}"
+                     for (t, o), where in groups.items())
+    return spec, weights
 
 
 def count(opts: Options, pos) -> int:
     return opts.emb if _fits(opts, pos) else 0
 
 
-def shared_count(opts: Options, positions) -> int:
+def count_shared(opts: Options, positions) -> int:
     heads, total = set(), opts.tasks * opts.emb + 2 * opts.emb * opts.hidden + opts.hidden
     for pos in positions:
         sig = signature(opts, pos)
@@ -196,4 +223,4 @@ def build(opts: Options, pos, target, shared: HyperNet) -> HyperDelta:
 TYPE = DeltaType("hyper", Options, kinds=("attention", "block", "linear"), join="sequential", count=count,
                  build=build, default="attn,ffn", positional="delta",
                  doc="adapter/LoRA/prefix weights generated by one shared hypernetwork (multi-task)",
-                 join_of=lambda opts, pos: JOINS[opts.delta], shared=HyperNet, shared_count=shared_count)
+                 join_of=lambda opts, pos: JOINS[opts.delta], build_shared=HyperNet, count_shared=count_shared)

@@ -1,4 +1,6 @@
-"""LNFit (a candidate of S3PET-M): a zero-initialised delta on a norm's scale, weight + delta."""
+"""LNFit (a candidate of S3PET-M): a zero-initialised delta on a norm's scale, weight + delta.
+The norm runs once, with weight + delta in place of its weight, whatever its formula
+(x * w, or Gemma-style x * (1 + w)): a zero delta changes nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import DeltaType
+from . import Delta, DeltaType
 
 
 @dataclass(frozen=True)
@@ -14,13 +16,13 @@ class Options:
     pass
 
 
-class LNFit(nn.Module):
+class LNFit(Delta):
     def __init__(self, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def weights(self):
-        return {"weight": self.weight}
+    def new_params(self, params):
+        return {"weight": params["weight"] + self.weight}
 
 
 def count(opts: Options, pos) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..spec import check
-from . import DeltaType
+from . import Delta, DeltaType
 
 
 @dataclass(frozen=True)
@@ -26,20 +26,24 @@ class Options:
         check(0.0 <= self.dropout < 1.0, f"lora option dropout={self.dropout} must be in [0, 1)")
 
 
-class LoRA(nn.Module):
+class LoRA(Delta):
     def __init__(self, fan_in: int, fan_out: int, opts: Options):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(opts.r, fan_in))
         self.lora_B = nn.Parameter(torch.zeros(fan_out, opts.r))
         self.scale = opts.alpha / opts.r
-        self.dropout = nn.Dropout(opts.dropout) if opts.dropout else nn.Identity()
+        self.dropout = nn.Dropout(opts.dropout) if opts.dropout else None   # no module call when 0
         if opts.init == "kaiming":   # nn.Linear's default, as loralib and PEFT do
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
             nn.init.normal_(self.lora_A, std=1 / opts.r)
 
     def forward(self, x):
-        return (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+        x = x.to(self.lora_A.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        # the scale goes on the (out, r) matrix, not on the (batch, seq, out) result
+        return x @ self.lora_A.t() @ (self.lora_B.t() * self.scale)
 
     def merge_delta(self):
         return {"weight": (self.lora_B @ self.lora_A) * self.scale}

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
 from ..spec import check
-from . import DeltaType
-from .adapter import ACTIVATIONS, hidden_size
+from . import Delta, DeltaType
+from .adapter import ACTIVATIONS, Act
 
 
 @dataclass(frozen=True)
 class Options:
     dim: int = 32
     rank: int = 1
-    act: Literal["relu", "gelu", "silu", "tanh"] = "gelu"
+    act: Act = "gelu"
 
     def __post_init__(self):
         check(self.dim >= 1, f"lowrank_adapter option dim={self.dim} must be at least 1")
@@ -40,7 +38,7 @@ class LowRankLinear(nn.Module):
         return (x @ self.v) @ self.u.t() + self.bias
 
 
-class LowRankAdapter(nn.Module):
+class LowRankAdapter(Delta):
     def __init__(self, hidden: int, opts: Options):
         super().__init__()
         self.down = LowRankLinear(hidden, opts.dim, opts.rank)
@@ -48,16 +46,16 @@ class LowRankAdapter(nn.Module):
         self.up = LowRankLinear(opts.dim, hidden, opts.rank, zero=True)   # starts as the identity
 
     def forward(self, h):
-        return self.up(self.act(self.down(h)))
+        return self.up(self.act(self.down(h.to(self.down.bias.dtype))))
 
 
 def count(opts: Options, pos) -> int:
-    d = hidden_size(pos)
+    d = pos.width
     return 2 * opts.rank * (d + opts.dim) + opts.dim + d
 
 
 def build(opts: Options, pos, target) -> LowRankAdapter:
-    return LowRankAdapter(hidden_size(pos), opts)
+    return LowRankAdapter(pos.width, opts)
 
 
 TYPE = DeltaType("lowrank_adapter", Options, kinds=("attention", "block", "linear"), join="sequential",

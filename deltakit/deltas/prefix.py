@@ -1,7 +1,7 @@
 """Prefix tuning (Li & Liang 2021): n learned key and value vectors that every query of an
 attention module sees in front of the real keys, `prefix@attn` (self attention) or `prefix@cross`
 (T5 cross attention). The vectors live in the module's projected key/value space, after any rotary
-embedding, and have no position; `deltakit/attention_joins.py` says how each family is joined.
+embedding, and have no position; `deltakit/joins/prefix.py` says how each family is joined.
 
 `mlp=<hidden>` reparameterises them as in the paper: an (n, d) embedding through
 Linear(d, hidden) -> tanh -> Linear(hidden, 2 * kv width), one MLP per position (the paper shares
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..spec import check
-from . import DeltaType
+from . import Delta, DeltaType
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Options:
         check(self.std > 0, f"prefix option std={self.std} must be positive")
 
 
-class Prefix(nn.Module):
+class Prefix(Delta):
     def __init__(self, dim: int, kv: int, opts: Options):
         super().__init__()
         self.n, self.kv_width = opts.n, kv

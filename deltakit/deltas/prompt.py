@@ -1,15 +1,15 @@
 """Prompt tuning (Lester et al. 2021): n soft prompt vectors before the input, `prompt@embed`.
 
 How they enter (and what happens to masks, positions, labels and the output length) is in
-`deltakit/attention_joins.py`: in short, outputs keep the caller's length (the prompt positions
+`deltakit/joins/prompt.py`: in short, outputs keep the caller's length (the prompt positions
 are stripped again) except a T5 encoder's, whose output keeps them for the decoder to attend to.
 
 init: `vocab` (default) copies n random rows of the input embedding, which Lester et al. found
 best; `normal` draws N(0, std of the embedding); `ids` option: comma-free list written as
 `ids=5-9-12` picks those vocabulary rows (repeated to n).
 
-Native CPM-Ant stores prompts as rows of `prompt_embedding`, selected by task id: `prompt@prompt`
-is a zero-initialised delta on those rows (a reparameterisation, so it merges).
+Native CPM-Ant stores prompts as rows of `prompt_embedding`, selected by task id (a position of kind
+`rows`): `prompt@prompt` is a zero-initialised delta on those rows (a reparameterisation, so it merges).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..spec import check
-from . import DeltaType
+from . import Delta, DeltaType
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Options:
               f"prompt option ids={self.ids!r} must be vocabulary ids joined by '-', e.g. ids=17-4-33")
 
 
-class Prompt(nn.Module):
+class Prompt(Delta):
     def __init__(self, embedding: torch.Tensor, opts: Options):
         super().__init__()
         rows, dim = embedding.shape
@@ -59,35 +59,34 @@ class Prompt(nn.Module):
         return self.prompt[None].expand(batch, -1, -1)
 
 
-class PromptRows(nn.Module):
-    """A delta on a native prompt table: weights() is added to its rows."""
+class PromptRows(Delta):
+    """A delta on a native prompt table: added to its rows."""
 
     def __init__(self, rows: int, dim: int):
         super().__init__()
         self.delta = nn.Parameter(torch.zeros(rows, dim))
 
-    def weights(self):
-        return {"weight": self.delta}
+    def new_params(self, params):
+        return {"weight": params["weight"] + self.delta}
 
 
-def native(pos) -> bool:
-    return pos.local == "prompt"
+JOIN = {"embed": "prompt", "rows": "reparam"}   # position kind -> how the prompt joins there
 
 
 def join_of(opts: Options, pos) -> str:
-    return "reparam" if native(pos) else "embed"
+    return JOIN[pos.kind]
 
 
 def count(opts: Options, pos) -> int:
     rows, dim = pos.shape
-    return rows * dim if native(pos) else opts.n * dim
+    return rows * dim if pos.kind == "rows" else opts.n * dim
 
 
 def build(opts: Options, pos, target):
-    if native(pos):
+    if pos.kind == "rows":
         return PromptRows(*pos.shape)
     return Prompt(target.weight.detach(), opts)
 
 
-TYPE = DeltaType("prompt", Options, kinds=("embed",), join="embed", count=count, build=build, default="embed",
-                 doc="soft prompt vectors before the input (Lester et al.)", join_of=join_of)
+TYPE = DeltaType("prompt", Options, kinds=("embed", "rows"), join="prompt", count=count, build=build,
+                 default="embed", doc="soft prompt vectors before the input (Lester et al.)", join_of=join_of)
