@@ -3,6 +3,7 @@
     python -m benchmarks.speed                      # full run (about 8 min on a 2-core CPU)
     python -m benchmarks.speed --quick              # tiny models, a smoke run of seconds
     python -m benchmarks.speed --device cuda --out speed.json
+    python -m benchmarks.speed --overhead --threads 2   # LoRA's overhead over the limit, against PEFT's
 
 Every comparison runs in one process on fresh copies of one backbone with the same batch, with the
 variants interleaved after a warm-up, so drift (other load, a noisy VM host) hits all of them alike.
@@ -241,6 +242,63 @@ def bench_model(key, args) -> dict:
     return out
 
 
+# ---- overhead over the physical limit ------------------------------------------------------------
+
+OVERHEAD_SPEC = "lora(r=8,alpha=16)@attn.q,attn.v"   # dropout 0: the cost of LoRA itself
+
+
+def limit_model(model):
+    """The bare frozen backbone with its embeddings' output requiring grad: a training step of it is
+    the forward plus the input-gradient backward that every delta method pays, and nothing else."""
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    return model
+
+
+def bench_overhead(args) -> dict:
+    """LoRA r=8 on q,v of e5-small (dropout 0 everywhere, backbone dropout off) against the limit, in
+    one process, interleaved: overhead = step / limit - 1, paired per repetition."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    bare, label = BUILD["e5"](args)
+    bare = bare.to(device).eval()   # eval(): no backbone dropout; gradients still flow
+    batch = make_batch("e5", bare, args, device)
+    limit = limit_model(bare)
+    ours = copy.deepcopy(bare)
+    torch.manual_seed(0)
+    deltakit.attach(ours, OVERHEAD_SPEC)
+    theirs = get_peft_model(copy.deepcopy(bare), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                           target_modules=PEFT_TARGETS["e5"]))
+    opts = {"deltakit": torch.optim.AdamW(trainable(ours), lr=1e-4),
+            "peft": torch.optim.AdamW(trainable(theirs), lr=1e-4)}
+    steps = {"limit": lambda: limit(**batch).loss.backward(),
+             "deltakit": lambda: train_step(ours, opts["deltakit"], batch),
+             "peft": lambda: train_step(theirs, opts["peft"], batch)}
+    reps = args.reps or (3 if args.quick else 40)
+    times = interleave(steps, reps, 1 if args.quick else 3, "e5 overhead", device)
+    over = {lib: stats([t / l - 1 for t, l in zip(times[lib], times["limit"])]) for lib in LIBS}
+    return {"label": label, "reps": reps, "times": times, "overhead": over,
+            "deltakit_over_peft": stats([d / p for d, p in zip(times["deltakit"], times["peft"])])}
+
+
+def print_overhead(result, console):
+    table = Table(title=f"LoRA r=8 on q,v over the limit (bare frozen forward + input-gradient backward): "
+                        f"{result['label']}, {result['reps']} interleaved reps")
+    for col in ("variant", "step ms (median, IQR)", "overhead = step / limit - 1 (median \\[quartiles])"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    table.add_row("limit", ms(result["times"]["limit"]), "")
+    for lib, name in (("deltakit", "deltakit"), ("peft", "PEFT")):
+        o = result["overhead"][lib]
+        table.add_row(name, ms(result["times"][lib]), f"{100 * o['median']:+.1f} % [{100 * o['q1']:+.1f}, {100 * o['q3']:+.1f}]")
+    console.print(table)
+    d, p = result["overhead"]["deltakit"]["median"], result["overhead"]["peft"]["median"]
+    r = result["deltakit_over_peft"]
+    console.print(f"deltakit's overhead / PEFT's: {d / p:.2f}; deltakit step / PEFT step: {r['median']:.3f} "
+                  f"[{r['q1']:.3f}, {r['q3']:.3f}]")
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 def ms(xs):
@@ -279,6 +337,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny models and 3 repetitions: a smoke run")
     ap.add_argument("--reps", type=int, help="timed repetitions per variant (default: per model)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only LoRA's overhead over the limit on e5-small (deltakit and PEFT, dropout 0)")
     ap.add_argument("--cpm-layers", type=int, default=2)
     ap.add_argument("--cpm-batch", type=int, default=1)
     ap.add_argument("--cpm-len", type=int, default=128)
@@ -292,6 +352,16 @@ def main(argv=None):
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
     load_before = os.getloadavg()   # other processes on the machine make every timing noisier
+    console = Console(width=None if sys.stdout.isatty() else 150)   # no wrapping when piped
+    if args.overhead:
+        result = bench_overhead(args)
+        print_overhead(result, console)
+        console.print(f"load average (1 min) before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}")
+        if args.out:
+            result["stats"] = {k: stats(v) for k, v in result["times"].items()}
+            with open(args.out, "w") as f:
+                json.dump({"args": vars(args), "torch": torch.__version__, "overhead": result}, f, indent=1)
+        return
 
     results = {key: {} for key in args.models}
     if not args.no_memory:   # first: forked children must start before the parent has used OpenMP
@@ -307,7 +377,6 @@ def main(argv=None):
         table.add_column(col, justify="left" if col in ("model", "measurement") else "right")
     for row in summarize(results):
         table.add_row(*row)
-    console = Console(width=None if sys.stdout.isatty() else 150)   # no wrapping when piped
     console.print(table)
     for key, r in results.items():
         diff = ", ".join(f"{lib} {v:.1e}" for lib, v in r["merge_rel_diff"].items())

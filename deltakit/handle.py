@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import joins
+from . import checkpoint, joins, peft_export, report
 from .deltas import Delta
 from .errors import CheckpointError, HandleError, listing
 from .joins import fold
@@ -118,7 +118,6 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
 def load(model, path, name: str | None = None) -> "Handle":
     """Attach the deltas saved at `path` (by `Handle.save`) to `model` and load their weights.
     A clear CheckpointError when they do not fit; a warning when the backbone differs but they fit."""
-    from . import checkpoint
     config = checkpoint.read_config(path)
     checkpoint.check_fits(model, config, plan(model, config["spec"]), path)
     tensors = checkpoint.read_tensors(path)
@@ -238,8 +237,7 @@ class Handle:
                     own[key].copy_(value)
 
     def summary(self) -> str:
-        from .report import summary
-        return summary(self)
+        return report.summary(self)
 
     def __repr__(self):
         types = {}
@@ -324,10 +322,8 @@ class Handle:
     # -- saving ------------------------------------------------------------------------------
     def save(self, path, format: str = "deltakit"):
         if format == "deltakit":
-            from . import checkpoint
             return checkpoint.save(self, path)
         if format == "peft":
-            from . import peft_export
             return peft_export.save(self, path)
         raise HandleError(f"unknown save format {format!r}; use 'deltakit' or 'peft'")
 
