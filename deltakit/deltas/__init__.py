@@ -30,6 +30,8 @@ The delta module (a `Delta`):
   dtype, and the engine casts its contribution back.
 * `merge_delta() -> {param name: delta}` (`Foldable`, nn.Linear layout): a parallel or sequential
   delta that folds into the weights. Reparam deltas always fold (their new values are written in).
+* optional, parallel deltas: `add_into(out, x) -> out + delta(x)`, or None when it cannot; a cheaper
+  way to add (LoRA: one addmm), used where no gate or slice applies.
 """
 from __future__ import annotations
 

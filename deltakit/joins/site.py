@@ -119,6 +119,12 @@ class ModuleSite(Site):
                     if inp is None:
                         raise DeltakitError(f"{e.key}: the input of the sub-block ({e.position.inp}) was not seen in "
                                             f"this forward; the model does not run it before {e.position.out}")
+                fused = getattr(e.module, "add_into", None)
+                if fused is not None and e.module.gate is None and e.position.slice is None:
+                    result = fused(total, inp)
+                    if result is not None:
+                        total = result
+                        continue
                 total = total + _contribution(e, inp, out)
         seq_in = total
         for e in active:
