@@ -222,7 +222,7 @@ def prefix_joiner(module):
 # position, so a rotary query must sit where it would sit alone, and a prompt must sit right
 # before the real tokens: with left padding, these get position ids counted from each row's
 # first real token (what the example alone gets). Used while a prefix or prompt delta is active.
-COUNTED_POSITIONS = ("llama", "gpt2")
+COUNTED_POSITIONS = ("llama", "gpt2", "llava")
 
 
 class _PositionSite:
