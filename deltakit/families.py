@@ -17,20 +17,24 @@ A family has
     LLaVA's towers are a CLIP encoder and a LLaMA decoder);
   * `top`: canonical name -> model-level path suffix (tuple = alternatives); `stack.name` puts a
     model-level position in one stack (`encoder.ln.final`, `vision.ln.final`);
-  * `required`: the entries every layer must have, where its table names them (attention and FFN
-    projections by default; LLaMA's FFN is optional, so mixture-of-experts decoders keep their
-    attention positions).
+  * `required`: the entries a layer must have where its table names them, unless the layer has
+    nothing they could be (attention and FFN projections by default; LLaMA's FFN is optional, so
+    mixture-of-experts decoders keep their attention positions).
 
 How a model's family is found (`positions.detect`): every list of numbered layers in the model is
-read with every family's tables; a family fits when, in each layer list its stack regexes match,
-each layer has every required entry and all layers have the same entries, each stack is one layer
-list, and every layer list that looks like a stack of transformer blocks is one of its stacks. Of
-the families that fit, the one that finds the most required entries wins (so a BART model is
-BART, not a LLaMA decoder whose `self_attn.q_proj` names it shares). When none fits, the model
-gets the generic table of raw names, and the table says which family came closest and what it
-lacked, so a canonical pattern is refused instead of landing on part of the model. CPM-Ant's
-native model (CPM-Live key names) and transformers' CpmAnt share one table because the suffixes
-are the same.
+read with every family's tables. A family fits when
+  * in each layer list its stack regexes match, a layer lacks a required entry (or one that other
+    layers have) only where it has no projection the table leaves unread: compressed CPM-Ant
+    layers drop their attention or FFN and fit; a LLaMA table reading a BART layer lacks `attn.o`
+    and leaves `out_proj`, `fc1`, `fc2` unread, so it does not fit;
+  * each of its stacks is one layer list (two LLaMA towers under one "" stack could not be told apart);
+  * every layer list that looks like a stack of transformer blocks (4+ projections in a layer) is
+    one of its stacks, so no tower is left out.
+Of the families that fit, the one that finds the most required entries wins (the list order only
+breaks ties). When none fits, the model gets the generic table of raw names, and the table says
+which family came closest and what it lacked, so a canonical pattern is refused instead of landing
+on part of the model. CPM-Ant's native model (CPM-Live key names) and transformers' CpmAnt share
+one table because the suffixes are the same.
 """
 from __future__ import annotations
 

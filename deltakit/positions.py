@@ -1,10 +1,12 @@
 """Canonical positions of a model, and matching of position patterns against them.
 
-`positions(model)` reads the family tables of `families.py` (or, for an unknown model, lists its
-Linear, norm and embedding modules by raw name) and returns `Position` records. Patterns are
-globs over dotted names where `*` is one segment and `a-b` is a range of layer numbers; a
-pattern without a stack or a `layers.N` part applies to every stack and every layer. `re:`
-patterns are regexes fully matched against raw module paths.
+`positions(model)` reads the model with the family tables of `families.py` (`detect` picks the one
+that fits best and fits every layer list; `families.py` says the rule) and returns `Position`
+records; a model no table fits gets its Linear, norm and embedding modules by raw name, and a note
+saying which table came closest and what it lacked. Patterns are globs over dotted names where
+`*` is one segment and `a-b` is a range of layer numbers; a pattern without a stack or a
+`layers.N` part applies to every stack and every layer. `re:` patterns are regexes fully matched
+against raw module paths.
 """
 from __future__ import annotations
 
