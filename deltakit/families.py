@@ -211,7 +211,7 @@ _BART_CROSS = {
     "ln.cross": "encoder_attn_layer_norm",
 }
 BART = Family(
-    "bart",  # BART and mBART (whose stacks end in an extra `layer_norm`)
+    "bart",  # BART and mBART (whose stacks end in an extra `layer_norm`); Pegasus and M2M100 read the same
     stacks={"encoder": r"encoder\.layers", "decoder": r"decoder\.layers"},
     layer={"encoder": {**_BART_ATTN, **_BART_FFN}, "decoder": {**_BART_ATTN, **_BART_CROSS, **_BART_FFN}},
     top={"embed": "shared", "encoder.ln.embed": "encoder.layernorm_embedding",

@@ -47,7 +47,8 @@ def _config_kwargs(family: str) -> dict:
                     forced_eos_token_id=None)   # a forced last token would hide what a delta does to it
     if family == "clip":
         return dict(text_config=_CLIP_TEXT, vision_config=_VISION, projection_dim=16)
-    if family == "llava":   # a CLIP vision tower and a LLaMA language model; id 95 is the image token
+    if family == "llava":   # a CLIP vision tower and a LLaMA language model; id 95 is the image token.
+        # Features from the last vision layer: LLaVA's default (-2) leaves the last layer unused.
         return dict(vision_config=_VISION, text_config=_config_kwargs("llama"), image_token_index=VOCAB - 1,
                     projector_hidden_act="gelu", vision_feature_layer=-1)
     if family == "llama":   # GQA: 4 query heads share 2 key/value heads
