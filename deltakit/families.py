@@ -1,8 +1,10 @@
 """Position maps: one data table per backbone family, from raw module names to canonical names.
 
 A family has
-  * `stacks`: stack name ("" when the model has one stack) -> regex of the layer list, whose
-    next path segment is the layer index;
+  * `stacks`: stack name ("" when the model has one stack) -> regex of the layer list (matched
+    against the end of its path), whose next path segment is the layer index. Encoder-decoders
+    name their stacks `encoder` / `decoder`; models with several towers name each tower
+    (`text` / `vision`);
   * `layer`: canonical local name -> module path relative to one layer. A value may be
       - a string,
       - a tuple of strings (the first that exists in that layer wins; T5's FFN moves from
@@ -11,10 +13,28 @@ A family has
       - `Sub(module, inp, out)`: a sub-block: `module` is what prefix deltas talk to, `inp` names
         the projection whose input is the sub-block input, `out` the projection whose output is
         the sub-block's residual branch (where sequential adapters go);
-    `layer` may instead be a dict keyed by stack when stacks differ (T5 decoder has cross attention);
-  * `top`: canonical name -> model-level path suffix (tuple = alternatives).
-The first family whose layer regex matches the model is used; CPM-Ant's native model (CPM-Live
-key names) and transformers' CpmAnt share one table because the suffixes are the same.
+    `layer` may instead be a dict keyed by stack when stacks differ (T5 decoder has cross attention,
+    LLaVA's towers are a CLIP encoder and a LLaMA decoder);
+  * `top`: canonical name -> model-level path suffix (tuple = alternatives); `stack.name` puts a
+    model-level position in one stack (`encoder.ln.final`, `vision.ln.final`);
+  * `required`: the entries a layer must have where its table names them, unless the layer has
+    nothing they could be (attention and FFN projections by default; LLaMA's FFN is optional, so
+    mixture-of-experts decoders keep their attention positions).
+
+How a model's family is found (`positions.detect`): every list of numbered layers in the model is
+read with every family's tables. A family fits when
+  * in each layer list its stack regexes match, a layer lacks a required entry (or one that other
+    layers have) only where it has no projection the table leaves unread: compressed CPM-Ant
+    layers drop their attention or FFN and fit; a LLaMA table reading a BART layer lacks `attn.o`
+    and leaves `out_proj`, `fc1`, `fc2` unread, so it does not fit;
+  * each of its stacks is one layer list (two LLaMA towers under one "" stack could not be told apart);
+  * every layer list that looks like a stack of transformer blocks (4+ projections in a layer) is
+    one of its stacks, so no tower is left out.
+Of the families that fit, the one that finds the most required entries wins (the list order only
+breaks ties). When none fits, the model gets the generic table of raw names, and the table says
+which family came closest and what it lacked, so a canonical pattern is refused instead of landing
+on part of the model. CPM-Ant's native model (CPM-Live key names) and transformers' CpmAnt share
+one table because the suffixes are the same.
 """
 from __future__ import annotations
 
@@ -35,16 +55,25 @@ class Sub:
     out: str
 
 
+# what a layer must have for a family to fit (each stack requires those its table names)
+REQUIRED = ("attn.q", "attn.k", "attn.v", "attn.o", "cross.q", "cross.k", "cross.v", "cross.o", "ffn.in", "ffn.out")
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     stacks: dict
     layer: dict
     top: dict = field(default_factory=dict)
+    required: tuple = REQUIRED
 
     def layer_table(self, stack: str) -> dict:
         per_stack = stack in self.layer and isinstance(self.layer[stack], dict)
         return self.layer[stack] if per_stack else self.layer
+
+    def required_in(self, stack: str) -> tuple:
+        table = self.layer_table(stack)
+        return tuple(k for k in self.required if k in table)
 
 
 BERT = Family(
@@ -136,6 +165,7 @@ LLAMA = Family(
         "ln.ffn": "post_attention_layernorm",
     },
     top={"embed": "embed_tokens", "ln.final": "norm", "head": ("lm_head", "score")},
+    required=("attn.q", "attn.k", "attn.v", "attn.o"),   # MoE layers have experts instead of `mlp`
 )
 
 CPMANT = Family(
@@ -158,4 +188,66 @@ CPMANT = Family(
          "ln.final": "encoder.output_layernorm", "head": "lm_head"},
 )
 
-FAMILIES = [CPMANT, T5, LLAMA, GPT2, BERT]
+_BART_ATTN = {
+    "attn": Sub("self_attn", "attn.q", "attn.o"),
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.out_proj",
+    "ln.attn": "self_attn_layer_norm",
+}
+_BART_FFN = {
+    "ffn": Sub(None, "ffn.in", "ffn.out"),
+    "ffn.in": "fc1",
+    "ffn.out": "fc2",
+    "ln.ffn": "final_layer_norm",
+}
+_BART_CROSS = {
+    "cross": Sub("encoder_attn", "cross.q", "cross.o"),
+    "cross.q": "encoder_attn.q_proj",
+    "cross.k": "encoder_attn.k_proj",
+    "cross.v": "encoder_attn.v_proj",
+    "cross.o": "encoder_attn.out_proj",
+    "ln.cross": "encoder_attn_layer_norm",
+}
+BART = Family(
+    "bart",  # BART and mBART (whose stacks end in an extra `layer_norm`); Pegasus and M2M100 read the same
+    stacks={"encoder": r"encoder\.layers", "decoder": r"decoder\.layers"},
+    layer={"encoder": {**_BART_ATTN, **_BART_FFN}, "decoder": {**_BART_ATTN, **_BART_CROSS, **_BART_FFN}},
+    top={"embed": "shared", "encoder.ln.embed": "encoder.layernorm_embedding",
+         "decoder.ln.embed": "decoder.layernorm_embedding", "encoder.ln.final": "encoder.layer_norm",
+         "decoder.ln.final": "decoder.layer_norm", "head": ("lm_head", "classification_head", "qa_outputs")},
+)
+
+_CLIP_LAYER = {   # CLIP's (and SigLIP's) encoder layer, in both towers
+    "attn": Sub("self_attn", "attn.q", "attn.o"),
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.out_proj",
+    "ln.attn": "layer_norm1",
+    "ffn": Sub("mlp", "ffn.in", "ffn.out"),
+    "ffn.in": "mlp.fc1",
+    "ffn.out": "mlp.fc2",
+    "ln.ffn": "layer_norm2",
+}
+CLIP = Family(
+    "clip",  # CLIPModel (two towers), CLIPTextModel / CLIPVisionModel (one)
+    stacks={"text": r"text_model\.encoder\.layers", "vision": r"vision_model\.encoder\.layers"},
+    layer=_CLIP_LAYER,
+    top={"text.embed": "text_model.embeddings.token_embedding", "text.ln.final": "text_model.final_layer_norm",
+         "vision.ln.embed": "vision_model.pre_layrnorm", "vision.ln.final": "vision_model.post_layernorm",
+         "text.head": "text_projection", "vision.head": "visual_projection"},
+)
+
+LLAVA = Family(
+    "llava",  # a CLIP vision tower, a projector, and a LLaMA-style language model
+    stacks={"vision": r"vision_tower\.encoder\.layers", "text": r"language_model\.layers"},
+    layer={"vision": _CLIP_LAYER, "text": LLAMA.layer},
+    top={"text.embed": "language_model.embed_tokens", "text.ln.final": "language_model.norm",
+         "vision.ln.embed": "vision_tower.pre_layrnorm",   # (the tower's post_layernorm: only its unused pooler)
+         "projector": "multi_modal_projector", "head": "lm_head"},
+)
+
+# Detection scores every family (positions.detect); the order only breaks ties.
+FAMILIES = [CPMANT, T5, BART, LLAMA, GPT2, BERT, CLIP, LLAVA]

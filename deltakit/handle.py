@@ -44,7 +44,10 @@ def _input_grad_hook(model):
     requires grad, which is the case with a frozen backbone. Make the embeddings' output require
     grad, but only while checkpointing is on, so normal training does not pay for it."""
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:   # CLIPModel: two towers, no one input embedding
+        emb = None
     if emb is None:
         return None
 

@@ -1,10 +1,12 @@
 """Canonical positions of a model, and matching of position patterns against them.
 
-`positions(model)` reads the family tables of `families.py` (or, for an unknown model, lists its
-Linear, norm and embedding modules by raw name) and returns `Position` records. Patterns are
-globs over dotted names where `*` is one segment and `a-b` is a range of layer numbers; a
-pattern without a stack or a `layers.N` part applies to every stack and every layer. `re:`
-patterns are regexes fully matched against raw module paths.
+`positions(model)` reads the model with the family tables of `families.py` (`detect` picks the one
+that fits best and fits every layer list; `families.py` says the rule) and returns `Position`
+records; a model no table fits gets its Linear, norm and embedding modules by raw name, and a note
+saying which table came closest and what it lacked. Patterns are globs over dotted names where
+`*` is one segment and `a-b` is a range of layer numbers; a pattern without a stack or a
+`layers.N` part applies to every stack and every layer. `re:` patterns are regexes fully matched
+against raw module paths.
 """
 from __future__ import annotations
 
@@ -166,24 +168,142 @@ def _layer_positions(family: Family, stack: str, prefix: str, index: int, module
     return sorted(found.values(), key=lambda p: order.index(p.local))
 
 
-def _family_positions(family: Family, modules: dict) -> list:
-    out = []
-    for stack, layer_re in family.stacks.items():
-        pattern = re.compile(rf"(?:(.*)\.)?{layer_re}\.(\d+)")
-        layers, prefix = [], None
-        for name in modules:
-            m = pattern.fullmatch(name)
-            if m and (prefix is None or (m.group(1) or "") == prefix):
-                prefix = m.group(1) or ""
-                layers.append(int(m.group(2)))
-        if prefix is None:
+def _layer_lists(modules: dict) -> dict:
+    """Every list of numbered layers: path -> sorted layer indices. A list inside a layer of another
+    list is part of that layer (T5's `block.N.layer`), not a stack of its own."""
+    lists: dict[str, set] = {}
+    for name in modules:
+        head, _, last = name.rpartition(".")
+        if head and last.isdigit():
+            lists.setdefault(head, set()).add(int(last))
+
+    def nested(path):
+        parts = path.split(".")
+        return any(parts[k].isdigit() and ".".join(parts[:k]) in lists for k in range(1, len(parts)))
+    return {path: sorted(idx) for path, idx in lists.items() if not nested(path)}
+
+
+def _layer_linears(modules: dict, lists: dict) -> dict:
+    """(layer-list path, index) -> raw paths of the projections inside that layer."""
+    out: dict[tuple, list] = {}
+    for name, module in modules.items():
+        if not is_linear(module):
             continue
-        stem = f"{prefix}." if prefix else ""
-        stem += layer_re.replace("\\", "") + "."
-        for i in sorted(set(layers)):
-            out.extend(_layer_positions(family, stack, stem, i, modules))
-    if not out:
-        return []
+        parts = name.split(".")
+        for k in range(1, len(parts) - 1):
+            if parts[k].isdigit() and ".".join(parts[:k]) in lists:
+                out.setdefault((".".join(parts[:k]), int(parts[k])), []).append(name)
+                break
+    return out
+
+
+TOWER_LINEARS = 4   # a layer with this many projections is a transformer block (q, k, v, o / qkv, o, in, out)
+
+
+def _towers(lists: dict, linears: dict) -> list:
+    """The layer lists that look like stacks of transformer blocks: nothing may be placed on some
+    of them silently, so a family fits only if it names all of them."""
+    return [path for path, indices in lists.items()
+            if max(len(linears.get((path, i), ())) for i in indices) >= TOWER_LINEARS]
+
+
+@dataclass
+class _Fit:
+    """One family stack read over one layer list."""
+    stack: str
+    path: str
+    layers: dict          # index -> [Position]
+    score: int            # required entries found, over all layers
+    problem: str | None   # why the table does not fit every layer, or None
+
+
+def _layer_range(indices) -> str:
+    return ", ".join(str(i) for i in indices[:6]) + (", ..." if len(indices) > 6 else "")
+
+
+def _fit(family: Family, stack: str, path: str, indices: list, modules: dict, linears: dict) -> _Fit:
+    """A layer may lack an entry only where it has nothing the entry could be: a compressed CPM-Ant
+    layer without attention has no projection the table leaves unread, while a LLaMA table reading
+    a BART layer leaves `out_proj`, `fc1`, `fc2` unread. An optional entry may also be missing from
+    every layer (a mixture-of-experts decoder has no `mlp`): then no pattern can hit part of it."""
+    layers = {i: _layer_positions(family, stack, f"{path}.", i, modules) for i in indices}
+    found = {i: {p.local for p in ps} for i, ps in layers.items()}
+    need = family.required_in(stack)
+    score = sum(len(set(need) & f) for f in found.values())
+    unread = {i: sorted(set(linears.get((path, i), ())) - {p.path for p in layers[i]}) for i in indices}
+    for local in dict.fromkeys((*need, *family.layer_table(stack))):
+        lacking = [i for i in indices if local not in found[i] and unread[i]]
+        if lacking and (local in need or any(local in f for f in found.values())):
+            first = unread[lacking[0]]
+            problem = (f"fits {path!r} only in part: layer{'s' * (len(lacking) > 1)} {_layer_range(lacking)} "
+                       f"of {len(indices)} lack{'s' * (len(lacking) == 1)} {local!r} but "
+                       f"ha{'ve' if len(lacking) > 1 else 's'} projections it does not read "
+                       f"({first[0]!r}{', ...' if len(first) > 1 else ''})")
+            return _Fit(stack, path, layers, score, problem)
+    return _Fit(stack, path, layers, score, None)
+
+
+@dataclass
+class Detection:
+    """Which family a model is, where its stacks are, and (when none fits) why not."""
+    family: Family | None
+    stacks: dict          # stack name -> layer-list path
+    layers: list          # the per-layer Positions, in stack order
+    score: int = 0
+    note: str | None = None
+
+
+def _read(family: Family, modules: dict, lists: dict, linears: dict, towers: list) -> Detection | None:
+    fits = []
+    for stack, layer_re in family.stacks.items():
+        pattern = re.compile(rf"(?:.*\.)?{layer_re}")
+        for path, indices in lists.items():
+            if pattern.fullmatch(path):
+                fit = _fit(family, stack, path, indices, modules, linears)
+                if fit.score:
+                    fits.append(fit)
+    if not fits:
+        return None
+    score = sum(f.score for f in fits)
+    problem = next((f.problem for f in fits if f.problem), None)
+    for stack in family.stacks:
+        paths = [f.path for f in fits if f.stack == stack]
+        if problem is None and len(paths) > 1:
+            problem = (f"fits {len(paths)} layer lists ({', '.join(paths)}) with its one "
+                       f"{repr(stack) + ' ' if stack else ''}stack, so a pattern could not tell them apart")
+    placed = {f.path for f in fits}
+    if problem is None and len(placed) < len(fits):
+        problem = "reads one layer list as two of its stacks"
+    missing = [p for p in towers if p not in placed]
+    if problem is None and missing:
+        problem = (f"has no stack for {', '.join(f'{p!r} ({len(lists[p])} layers)' for p in missing)}, "
+                   f"{'a stack' if len(missing) == 1 else 'stacks'} of transformer blocks")
+    layers = [p for f in fits for i in sorted(f.layers) for p in f.layers[i]]
+    return Detection(family, {f.stack: f.path for f in fits}, layers, score,
+                     None if problem is None else f"{family.name}, {problem}")
+
+
+def detect(model_or_modules) -> Detection:
+    """Read the model with every family's tables; the best one that fits every layer wins."""
+    modules = model_or_modules if isinstance(model_or_modules, dict) else backbone_modules(model_or_modules)
+    lists = _layer_lists(modules)
+    linears = _layer_linears(modules, lists)
+    towers = _towers(lists, linears)
+    reads = [d for d in (_read(f, modules, lists, linears, towers) for f in FAMILIES) if d is not None]
+    fitting = [d for d in reads if d.note is None]
+    if fitting:
+        return max(fitting, key=lambda d: d.score)   # max keeps the first of equal scores
+    if not reads:
+        return Detection(None, {}, [])
+    closest = max(reads, key=lambda d: d.score)
+    note = (f"no family table fits every layer of this model: the closest, {closest.note}. Canonical names would "
+            f"place a spec on part of the model, so it has only raw module names: address them with 're:<regex>' "
+            f"patterns")
+    return Detection(None, {}, [], note=note)
+
+
+def _top_positions(family: Family, modules: dict) -> list:
+    out = []
     for name, suffixes in family.top.items():
         for suffix in (suffixes if isinstance(suffixes, tuple) else (suffixes,)):
             path = next((n for n in modules if n == suffix or n.endswith("." + suffix)), None)
@@ -210,11 +330,7 @@ def _generic_positions(modules: dict) -> list:
 
 
 def family(model) -> Family | None:
-    modules = backbone_modules(model)
-    for fam in FAMILIES:
-        if _family_positions(fam, modules):
-            return fam
-    return None
+    return detect(model).family
 
 
 def _num_params(module) -> int:
@@ -222,11 +338,14 @@ def _num_params(module) -> int:
 
 
 class PositionTable(list):
-    """A list of Positions that prints as a table (in a terminal and in Jupyter)."""
+    """A list of Positions that prints as a table (in a terminal and in Jupyter). `note` says why a
+    model has only raw names when a family table nearly fits it."""
+
+    note: str | None = None
 
     def __str__(self):
         head = f"{'name':<28} {'kind':<9} {'shape':<14} module"
-        return "\n".join([head] + [str(p) for p in self])
+        return "\n".join(([f"# {self.note}"] if self.note else []) + [head] + [str(p) for p in self])
 
     def _repr_pretty_(self, printer, cycle):   # IPython / Jupyter
         printer.text(str(self))
@@ -238,9 +357,14 @@ class PositionTable(list):
 def positions(model) -> PositionTable:
     """The canonical position table of `model` (a generic table of raw names for unknown models)."""
     modules = backbone_modules(model)
-    table = next((t for t in (_family_positions(f, modules) for f in FAMILIES) if t), None)
-    table = table or _generic_positions(modules)
-    return PositionTable(replace(p, params=_num_params(modules[p.path])) for p in table)
+    found = detect(modules)
+    if found.family is not None:
+        table = found.layers + _top_positions(found.family, modules)
+    else:
+        table = _generic_positions(modules)
+    out = PositionTable(replace(p, params=_num_params(modules[p.path])) for p in table)
+    out.note = found.note
+    return out
 
 
 # ---- matching ----------------------------------------------------------------------------------
@@ -308,6 +432,10 @@ def match(model, table: list, pattern: str) -> list[Position]:
         names = {p.local for p in table} | {p.name for p in table if p.layer is None}
         if stacks:
             names |= {f"{p.stack}.{p.local}" for p in table if p.stack}
+        note = getattr(table, "note", None) or (None if canonical else detect(model).note)
+        if note:   # a family nearly fits: say what it lacks rather than suggest raw names
+            raise PatternError(f"pattern {pattern!r} matches no position of this {type(model).__name__}: {note} "
+                               f"(deltakit.positions(model) lists them, e.g. {listing(names, 3)})")
         raise PatternError(f"pattern {pattern!r} matches no position of this {type(model).__name__}."
                            f"{nearest(pattern, names)} Positions here: {listing(names)} "
                            f"(all of them: deltakit.positions(model); raw module names: 're:<regex>')")

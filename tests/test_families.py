@@ -95,6 +95,15 @@ def layout(family, cfg):
         stacks = {"encoder": (cfg.num_layers, {**attn, **ffn}),
                   "decoder": (cfg.num_decoder_layers, {**attn, **cross, **ffn})}
         return stacks, {"encoder.ln.final": d, "decoder.ln.final": d}, d, cfg.vocab_size * d
+    if family in ("bart", "mbart"):   # mBART adds a final LayerNorm to each stack
+        d, V = cfg.d_model, cfg.vocab_size
+        attn = {"attn.q": (d, d), "attn.k": (d, d), "attn.v": (d, d), "attn.o": (d, d), "ln.attn": d}
+        cross = {"cross.q": (d, d), "cross.k": (d, d), "cross.v": (d, d), "cross.o": (d, d), "ln.cross": d}
+        ffn = lambda ff: {"ffn.in": (d, ff), "ffn.out": (ff, d), "ln.ffn": d}
+        stacks = {"encoder": (cfg.encoder_layers, {**attn, **ffn(cfg.encoder_ffn_dim)}),
+                  "decoder": (cfg.decoder_layers, {**attn, **cross, **ffn(cfg.decoder_ffn_dim)})}
+        top = {f"{s}.ln.{n}": d for s in stacks for n in (("embed", "final") if family == "mbart" else ("embed",))}
+        return stacks, top, d, V * d
     if family == "llama":
         d, ff, H, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads
         hd = getattr(cfg, "head_dim", None) or d // H
@@ -124,7 +133,7 @@ def expected_count(family, delta, cfg):
     lowrank = lambda dim, rank: 2 * rank * (d + dim) + dim + d
     if delta == "lora":
         return per_layer(stacks, lambda s, t: lora(2, lin(t, "attn.", "ffn.")))
-    if delta == "adapter":        # attn and ffn sub-blocks (T5's cross attention is not `attn`)
+    if delta == "adapter":        # attn and ffn sub-blocks (cross attention is not `attn`)
         return per_layer(stacks, lambda s, t: 2 * adapter(8))
     if delta == "parallel_adapter":
         return per_layer(stacks, lambda s, t: 2 * parallel(8))

@@ -28,7 +28,7 @@ def hidden(family):
 
 
 def n_layers(family):
-    return 4 if family in ("t5", "mt5") else 2   # T5: encoder + decoder
+    return 4 if family in tm.ENC_DEC else 2   # encoder + decoder
 
 
 @pytest.mark.parametrize("family", tm.FAMILIES)

@@ -14,7 +14,7 @@ from deltakit import hf_compat
 import tiny_models as tm
 from test_families import assert_pristine, backbone_params, loss_of, randomise
 
-ENC_DEC = ("t5", "mt5")
+ENC_DEC = tm.ENC_DEC
 
 
 def run(model, batch):
@@ -28,6 +28,9 @@ def attention_layout(family, cfg):
         return [(cfg.hidden_size, cfg.hidden_size)] * cfg.num_hidden_layers, []
     if family == "gpt2":
         return [(cfg.n_embd, cfg.n_embd)] * cfg.n_layer, []
+    if family in ("bart", "mbart"):
+        d = cfg.d_model
+        return [(d, d)] * (cfg.encoder_layers + cfg.decoder_layers), [(d, d)] * cfg.decoder_layers
     if family in ENC_DEC:
         inner = cfg.num_heads * cfg.d_kv
         return [(cfg.d_model, inner)] * (cfg.num_layers + cfg.num_decoder_layers), [(cfg.d_model, inner)] * cfg.num_decoder_layers
@@ -190,7 +193,7 @@ def check_generation(family, spec, std=0.5, side="left"):
             torch.testing.assert_close(cached_scores[:, 1], alone_scores[:, 0], rtol=1e-4, atol=1e-4)
 
 
-GENERATIVE = ("gpt2", "llama", "t5", "mt5")   # tiny families with generate(); transformers' CpmAnt below
+GENERATIVE = ("gpt2", "llama", "t5", "mt5", "bart", "mbart")   # tiny families with generate(); transformers' CpmAnt below
 
 
 @pytest.mark.parametrize("family", GENERATIVE)

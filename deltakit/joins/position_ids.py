@@ -13,7 +13,7 @@ import inspect
 
 from .base import Site, bind, join_site
 
-COUNTED_POSITIONS = ("llama", "gpt2")
+COUNTED_POSITIONS = ("llama", "gpt2", "llava")
 
 
 class PositionSite(Site):
