@@ -19,7 +19,21 @@ A family has
     model-level position in one stack (`encoder.ln.final`, `vision.ln.final`);
   * `required`: the entries a layer must have where its table names them, unless the layer has
     nothing they could be (attention and FFN projections by default; LLaMA's FFN is optional, so
-    mixture-of-experts decoders keep their attention positions).
+    mixture-of-experts decoders keep their attention positions);
+  * how deltas reach the family where forward hooks on the named module are not enough (read by
+    `deltakit/joins/`; defaults fit every other family):
+      - `called_as`: model-level position -> the modules that run its parameters, when the named
+        module itself is never called (T5's and BART's `shared` embedding: the stacks call their
+        own `embed_tokens`, which hold the same weight);
+      - `prefix_cache`: attention classes without transformers' attention interface whose cache
+        update a stand-in cache carries prefixes through (transformers' CpmAnt);
+      - `prompt_slots`: stack class -> its embedding module, whose output holds native prompt slots
+        that prompt vectors fill (transformers' CpmAnt embeds `prompt_length` of them);
+      - `weight_scale`: the attribute of a projection that scales its weight in forward,
+        x (s W)^T (native CPM-Ant: 1/sqrt(fan_in)); a merge folds delta / s into W;
+      - `counted_positions`: the stack numbers positions 0, 1, ... whatever the padding, so left
+        padded rows get position ids counted from their first real token while a prefix or prompt
+        is active (`joins/position_ids.py`).
 
 How a model's family is found (`positions.detect`): every list of numbered layers in the model is
 read with every family's tables. A family fits when
@@ -66,6 +80,11 @@ class Family:
     layer: dict
     top: dict = field(default_factory=dict)
     required: tuple = REQUIRED
+    called_as: dict = field(default_factory=dict)
+    prefix_cache: tuple = ()
+    prompt_slots: dict = field(default_factory=dict)
+    weight_scale: str | None = None
+    counted_positions: bool = False
 
     def layer_table(self, stack: str) -> dict:
         per_stack = stack in self.layer and isinstance(self.layer[stack], dict)
@@ -111,6 +130,7 @@ GPT2 = Family(
         "ln.ffn": "ln_2",
     },
     top={"embed": "wte", "ln.final": "ln_f", "head": ("lm_head", "score")},
+    counted_positions=True,
 )
 
 _T5_ENC = {
@@ -146,6 +166,7 @@ T5 = Family(
     layer={"encoder": _T5_ENC, "decoder": _T5_DEC},
     top={"embed": "shared", "encoder.ln.final": "encoder.final_layer_norm",
          "decoder.ln.final": "decoder.final_layer_norm", "head": "lm_head"},
+    called_as={"embed": ("encoder.embed_tokens", "decoder.embed_tokens")},
 )
 
 LLAMA = Family(
@@ -166,6 +187,7 @@ LLAMA = Family(
     },
     top={"embed": "embed_tokens", "ln.final": "norm", "head": ("lm_head", "score")},
     required=("attn.q", "attn.k", "attn.v", "attn.o"),   # MoE layers have experts instead of `mlp`
+    counted_positions=True,
 )
 
 CPMANT = Family(
@@ -186,6 +208,9 @@ CPMANT = Family(
     },
     top={"embed": "input_embedding", "prompt": "prompt_embedding",   # prompt rows: native model only
          "ln.final": "encoder.output_layernorm", "head": "lm_head"},
+    prefix_cache=("CpmAntAttention",),                 # transformers' CpmAnt (native: a kv_prefix hook)
+    prompt_slots={"CpmAntModel": "input_embedding"},   # transformers' CpmAnt (native: prompt@prompt)
+    weight_scale="weight_scale",                       # native CPM-Ant's Linear
 )
 
 _BART_ATTN = {
@@ -217,6 +242,7 @@ BART = Family(
     top={"embed": "shared", "encoder.ln.embed": "encoder.layernorm_embedding",
          "decoder.ln.embed": "decoder.layernorm_embedding", "encoder.ln.final": "encoder.layer_norm",
          "decoder.ln.final": "decoder.layer_norm", "head": ("lm_head", "classification_head", "qa_outputs")},
+    called_as={"embed": ("encoder.embed_tokens", "decoder.embed_tokens")},
 )
 
 _CLIP_LAYER = {   # CLIP's (and SigLIP's) encoder layer, in both towers
@@ -247,6 +273,7 @@ LLAVA = Family(
     top={"text.embed": "language_model.embed_tokens", "text.ln.final": "language_model.norm",
          "vision.ln.embed": "vision_tower.pre_layrnorm",   # (the tower's post_layernorm: only its unused pooler)
          "projector": "multi_modal_projector", "head": "lm_head"},
+    counted_positions=True,
 )
 
 # Detection scores every family (positions.detect); the order only breaks ties.

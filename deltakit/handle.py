@@ -141,6 +141,7 @@ class Handle:
 
     def __init__(self, model, name: str, spec: str, planned: Plan, dtype=None):
         self.model, self.name, self.spec = model, name, spec
+        self.family = planned.family   # how deltas reach this model where hooks are not enough
         self.enabled = True
         self.entries: list[joins.Entry] = []
         self.shared_modules: dict[str, nn.Module] = {}   # rule text -> its shared module (hypernetwork)

@@ -85,11 +85,9 @@ def eager_attention(module):
     return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
 
 
-# ---- CpmAnt (transformers' `CpmAntAttention`, `CpmAntModel`): no attention interface ------------
+# ---- CpmAnt (transformers' `CpmAntAttention`): no attention interface ---------------------------
+# (which classes get which join is data in families.CPMANT; these are the internals the join reads)
 
-CPMANT_ATTENTION = "CpmAntAttention"   # class whose cache update the prefix join stands in for
-CPMANT_MODEL = "CpmAntModel"           # class whose native prompt slots the prompt join fills
 # CpmAntAttention's attribute and argument names the prefix join uses
 CPMANT_HEADS, CPMANT_HEAD_DIM, CPMANT_KEY = "num_heads", "dim_head", "project_k"
 CPMANT_QUERY_ARG, CPMANT_MASK_ARG, CPMANT_BIAS_ARG = "hidden_q", "attention_mask", "position_bias"
-CPMANT_EMBEDDING = "input_embedding"   # CpmAntModel's embedding of text and prompt slots

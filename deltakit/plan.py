@@ -37,9 +37,10 @@ class SharedPlan:
 class Plan(list):
     """The Planned deltas, plus `shared`: rule text -> SharedPlan. `num_params` counts both."""
 
-    def __init__(self, items=(), shared=None):
+    def __init__(self, items=(), shared=None, family=None):
         super().__init__(items)
         self.shared: dict[str, SharedPlan] = dict(shared or {})
+        self.family = family   # the model's family (deltakit.families), None for raw-name tables
 
     @property
     def num_params(self) -> int:
@@ -79,7 +80,7 @@ def plan(model, spec: str, table: list | None = None) -> Plan:
     """Resolve a spec against a model without building anything (counts are known up front).
     Shared parameters (hypernetworks) are in `.shared`, once per rule; `.num_params` is the total."""
     table = positions(model) if table is None else table
-    planned, seen = Plan(), {}
+    planned, seen = Plan(family=getattr(table, "family", None)), {}
     for rule in specs.parse(spec):
         if rule.type not in TYPES:
             raise specs.unknown_type(rule.type, TYPES)

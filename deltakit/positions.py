@@ -35,6 +35,7 @@ class Position:
     params: int = 0             # parameters of the module at `path` (what `full` would tune)
     kv: int | None = None       # attention sub-blocks: width of the projected keys (what a prefix needs)
     raw: bool = False           # found by a `re:` pattern, outside the canonical table
+    calls: tuple = ()           # modules that run this position's parameters when `path` is never called
 
     @property
     def pattern(self) -> str:
@@ -315,7 +316,9 @@ def _top_positions(family: Family, modules: dict) -> list:
                 shape = module_shape(module)
                 if kind in ("embed", "rows") and not shape and hasattr(module, "weight"):   # not an nn.Embedding
                     shape = tuple(module.weight.shape)
-                out.append(Position(name, path, kind, shape, local, stack))
+                calls = tuple(n for suffix in family.called_as.get(name, ()) for n in modules
+                              if n == suffix or n.endswith("." + suffix))
+                out.append(Position(name, path, kind, shape, local, stack, calls=calls))
                 break
     return out
 
@@ -342,6 +345,7 @@ class PositionTable(list):
     model has only raw names when a family table nearly fits it."""
 
     note: str | None = None
+    family: Family | None = None   # the family whose tables the names come from
 
     def __str__(self):
         head = f"{'name':<28} {'kind':<9} {'shape':<14} module"
@@ -363,7 +367,7 @@ def positions(model) -> PositionTable:
     else:
         table = _generic_positions(modules)
     out = PositionTable(replace(p, params=_num_params(modules[p.path])) for p in table)
-    out.note = found.note
+    out.note, out.family = found.note, found.family
     return out
 
 

@@ -124,9 +124,9 @@ def test_bart_layer_positions_and_cross_attention(family):
     assert top == want
     # every self and cross attention joins prefixes through transformers' attention interface
     for layer in model.model.decoder.layers:
-        assert pj.prefix_joiner(layer.self_attn) is pj.InterfaceSite
-        assert pj.prefix_joiner(layer.encoder_attn) is pj.InterfaceSite
-    assert pj.prefix_joiner(model.model.encoder.layers[0].self_attn) is pj.InterfaceSite
+        assert pj.prefix_joiner(layer.self_attn, None) is pj.InterfaceSite
+        assert pj.prefix_joiner(layer.encoder_attn, None) is pj.InterfaceSite
+    assert pj.prefix_joiner(model.model.encoder.layers[0].self_attn, None) is pj.InterfaceSite
 
 
 @pytest.mark.parametrize("family", ["bart", "mbart"])

@@ -336,3 +336,25 @@ def test_torch_compile_sees_no_graph_break(spec):
             torch.testing.assert_close(compiled(batch["input_ids"], batch["attention_mask"]), bare)
         assert not torch.allclose(bare, want)
     torch._dynamo.reset()
+
+
+# ---- every position a spec names is reached --------------------------------------------------------------
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+def test_full_on_the_embedding_changes_the_output_on_every_family(family):
+    """T5's and BART's `shared` embedding is never called (their stacks call embed_tokens, which hold
+    the same weight): a delta there must still reach the forward, and merge into the one weight."""
+    model, ref = tm.make(family), tm.make(family)
+    batch = tm.inputs(family)
+    with torch.no_grad():
+        bare = tm.run(model, batch)
+    h = deltakit.attach(model, "full@embed")
+    with torch.no_grad():
+        for p in h.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+        live = tm.run(model, batch)
+        assert not torch.allclose(live, bare, atol=1e-3), "full@embed does not reach the forward"
+        h.merge()
+        torch.testing.assert_close(tm.run(model, batch), live, rtol=1e-5, atol=1e-5)
+    h.detach()
+    assert_pristine(model, ref, batch)

@@ -265,9 +265,13 @@ def test_native_cpmant_prefix_joins_through_kv_prefix_and_generates_with_cache(t
 def test_kv_prefix_attribute_is_used_on_a_stand_in_module():
     """Any attention module with a `kv_prefix` attribute gets the prefix through it (data-driven)."""
     from deltakit.joins import prefix as pj
-    assert pj.prefix_joiner(native_tiny().encoder.layers[0].self_att.self_attention) is pj.NativeSite
-    assert pj.prefix_joiner(tm.make("llama").model.layers[0].self_attn) is pj.InterfaceSite
-    assert pj.prefix_joiner(tm.make("cpmant").cpmant.encoder.layers[0].self_att.self_attention) is pj.CacheSite
+    native, llama, cpmant = native_tiny(), tm.make("llama"), tm.make("cpmant")
+    fam = deltakit.positions(cpmant).family
+    assert fam.prefix_cache == ("CpmAntAttention",)   # data in the family table, not a class check
+    assert pj.prefix_joiner(native.encoder.layers[0].self_att.self_attention, fam) is pj.NativeSite
+    assert pj.prefix_joiner(llama.model.layers[0].self_attn, deltakit.positions(llama).family) is pj.InterfaceSite
+    assert pj.prefix_joiner(cpmant.cpmant.encoder.layers[0].self_att.self_attention, fam) is pj.CacheSite
+    assert pj.prefix_joiner(cpmant.cpmant.encoder.layers[0].self_att.self_attention, None) is None
 
 
 @pytest.mark.parametrize("spec", ["prefix(n=4)@attn", "prefix(n=4,mlp=16)@attn", "prompt(n=4)"])

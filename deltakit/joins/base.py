@@ -72,14 +72,15 @@ class Site:
         self.hooks = []
 
 
-def join_site(entry: Entry, holder, make) -> Site:
-    """The site of kind `make` at `holder` (created on first use) with `entry` added to it."""
-    site = holder.__dict__.get(make.attr)
+def join_site(entry: Entry, holder, kind: type, *args) -> Site:
+    """The site of class `kind` at `holder` (created on first use, as kind(holder, *args)) with
+    `entry` added to it."""
+    site = holder.__dict__.get(kind.attr)
     if site is None:
-        site = make(holder)
-        holder.__dict__[make.attr] = site
+        site = kind(holder, *args)
+        holder.__dict__[kind.attr] = site
     site.entries.append(entry)
-    entry.undo.append(lambda: leave_site(entry, holder, make.attr))
+    entry.undo.append(lambda: leave_site(entry, holder, kind.attr))
     return site
 
 

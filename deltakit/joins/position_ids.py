@@ -1,6 +1,7 @@
 """Position ids counted from each row's first real token, while a prefix or prompt delta is active.
 
-Some families number positions 0, 1, ... whatever the padding (LLaMA, GPT-2: `COUNTED_POSITIONS`).
+Some families number positions 0, 1, ... whatever the padding (LLaMA, GPT-2: `counted_positions`
+in their family table).
 Prefix keys have no position, so a rotary query must sit where it would sit alone, and a prompt
 must sit right before the real tokens: with left padding, these stacks get position ids counted
 from each row's first real token (what the example alone gets). Without padding, or with right
@@ -12,9 +13,6 @@ from __future__ import annotations
 import inspect
 
 from .base import Site, bind, join_site
-
-COUNTED_POSITIONS = ("llama", "gpt2", "llava")
-
 
 class PositionSite(Site):
     attr = "_deltakit_position_site"
@@ -38,7 +36,6 @@ class PositionSite(Site):
 
 
 def install(entry, model):
-    from ..positions import family
-    fam = family(model)
-    if fam is not None and fam.name in COUNTED_POSITIONS:
+    fam = entry.handle.family
+    if fam is not None and fam.counted_positions:
         join_site(entry, model, PositionSite)

@@ -173,20 +173,21 @@ class CacheSite(Site):
 
 # Which joiner an attention module gets: (what it offers, site); the first that matches wins.
 PREFIX_JOINS = (
-    ("a kv_prefix attribute (native CPM-Ant)", lambda m: hasattr(m, "kv_prefix"), NativeSite),
-    ("transformers' attention interface", hf.calls_attention_interface, InterfaceSite),
-    ("a cache update (transformers' CpmAnt)", lambda m: type(m).__name__ == hf.CPMANT_ATTENTION, CacheSite),
+    ("a kv_prefix attribute (native CPM-Ant)", lambda m, fam: hasattr(m, "kv_prefix"), NativeSite),
+    ("transformers' attention interface", lambda m, fam: hf.calls_attention_interface(m), InterfaceSite),
+    ("a cache update its family names (transformers' CpmAnt)",
+     lambda m, fam: fam is not None and type(m).__name__ in fam.prefix_cache, CacheSite),
 )
 
 
-def prefix_joiner(module):
-    """The site class that joins prefixes to this attention module, or None."""
-    return next((site for _, offers, site in PREFIX_JOINS if offers(module)), None)
+def prefix_joiner(module, family):
+    """The site class that joins prefixes to this attention module of a `family` model, or None."""
+    return next((site for _, offers, site in PREFIX_JOINS if offers(module, family)), None)
 
 
 def install(entry, model):
     module = model.get_submodule(entry.position.path)
-    joiner = prefix_joiner(module)
+    joiner = prefix_joiner(module, entry.handle.family)
     if joiner is None:
         raise KindError(f"prefix deltas cannot join {type(module).__name__} at {entry.position.name!r}: it offers "
                         f"none of {', '.join(w for w, _, _ in PREFIX_JOINS)}")

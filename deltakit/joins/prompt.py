@@ -76,12 +76,12 @@ class _Prompts(Site):
 
 
 class SlotSite(_Prompts):
-    """transformers' CpmAnt: the prompt overwrites the first n of its native prompt slots."""
+    """A stack that embeds native prompt slots (transformers' CpmAnt): the prompt overwrites the
+    first n of them in its embedding's output. Which module that is: the family's `prompt_slots`."""
 
-    def __init__(self, model):
+    def __init__(self, model, embedding):
         super().__init__(model)
-        stack, _ = prompt_stack(model)
-        self.hooks = [getattr(stack, hf.CPMANT_EMBEDDING).register_forward_hook(self.after)]
+        self.hooks = [embedding.register_forward_hook(self.after)]
 
     def after(self, module, args, out):
         prompt = self.prompt(out.shape[0])
@@ -173,8 +173,11 @@ def _shift_positions(pos, where, n, first: bool):
 
 def install(entry, model):
     stack, _ = prompt_stack(model)
-    slots = type(stack).__name__ == hf.CPMANT_MODEL
-    join_site(entry, model, SlotSite if slots else PromptSite)
-    entry.target = model
-    if not slots:
+    fam = entry.handle.family
+    slots = fam.prompt_slots.get(type(stack).__name__) if fam is not None else None
+    if slots is not None:
+        join_site(entry, model, SlotSite, getattr(stack, slots))
+    else:
+        join_site(entry, model, PromptSite)
         position_ids.install(entry, model)
+    entry.target = model

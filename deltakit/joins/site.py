@@ -159,6 +159,9 @@ def install(entry, model):
     target = submodule(model, pos.out if sub_block and entry.join != "reparam" else pos.path)
     join_site(entry, target, ModuleSite)
     entry.target = target
+    if entry.join == "reparam":   # T5's `shared` embedding is never called: the modules that run it are
+        for path in pos.calls:
+            join_site(entry, submodule(model, path), ModuleSite)
 
 
 # ---- folding into the weights ------------------------------------------------------------------
@@ -178,8 +181,9 @@ def weight_changes(entry) -> dict | None:
         if param is None:
             return None
         delta = gated(entry, delta.detach())
-        if name == "weight":   # a module computing x (scale * W)^T (native CPM-Ant) stores delta / scale
-            delta = delta / getattr(target, "weight_scale", 1.0)
+        fam = entry.handle.family
+        if name == "weight" and fam is not None and fam.weight_scale:   # x (s W)^T (native CPM-Ant): W += delta / s
+            delta = delta / getattr(target, fam.weight_scale, 1.0)
         conv1d = is_linear(target) and not isinstance(target, torch.nn.Linear) and name == "weight"
         if conv1d:   # HF Conv1D stores (in, out)
             delta = delta.t()
