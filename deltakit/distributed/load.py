@@ -109,7 +109,11 @@ def _reference_deltas(build, tensors: dict, attach, seed: int, targets: set) -> 
              else value)
     torch.manual_seed(seed)
     attach(ref)
-    return {plain_name(n): p.detach() for n, p in ref.named_parameters() if not is_backbone(n)}
+    values = {plain_name(n): p.detach() for n, p in ref.named_parameters() if not is_backbone(n)}
+    from ..handle import handles   # here, not at the top: deltakit.handle imports this package
+    for h in handles(ref).values():   # an attached model stays referenced by its handles: let it go
+        h.detach()
+    return values
 
 
 def load_sharded(build, path, attach, *, seed: int = 0, mesh=None, **shard_options):
@@ -151,7 +155,7 @@ def _allocate(t, value, where):
     """A new tensor like `t` (sharded or not) holding this rank's part of `value`, on `where`."""
     if tuple(value.shape) != tuple(t.shape):
         raise CheckpointError(f"a tensor of shape {tuple(value.shape)} is given for one of shape {tuple(t.shape)}")
-    local = local_slice(value, t).to(device=where, dtype=t.dtype).contiguous()
+    local = local_slice(value, t).to(device=where, dtype=t.dtype, copy=True).contiguous()   # own memory: the file is unmapped after loading
     if is_dtensor(t):
         from torch.distributed.tensor import DTensor
         local = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -76,6 +77,9 @@ def shard(model, mesh=None, mp_policy=None, reshard_after_forward=None, checkpoi
     check_layout(model, units)
     check_dtypes(model, units)
     mesh = mesh if mesh is not None else group.mesh()
+    # the native CPM-Ant's blocks return their key/value cache as views, which nothing changes in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPTransformerBlock|FSDPCPMAnt)\) "
+                                              r"returned a view tensor")
     mp = mp_policy if mp_policy is not None else default_mp_policy(mesh)
     off = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload == "cpu" else OffloadPolicy()
     for path in units:
