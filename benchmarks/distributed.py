@@ -175,22 +175,32 @@ def run_variant(variant: str, world: int, args, ckpt: Path, out: Path) -> list[d
     return [json.loads((out / f"{variant}-rank{r}.json").read_text()) for r in range(world)]
 
 
+def computed(cfg, shards: int) -> dict:
+    """deltakit.distributed.memory_per_rank of the config on the meta device (what the table compares)."""
+    import deltakit
+    from deltakit import distributed as dist
+    from deltakit.backbones import cpmant
+    model = cpmant.build(cfg, torch.bfloat16, "meta")
+    deltakit.attach(model, SPEC)
+    return dist.memory_per_rank(model, shards)
+
+
 def summarise(results: dict, out: Path):
     from rich.console import Console
     from rich.table import Table
     mib = 2 ** 20
     table = Table(title=f"CPM-Ant {next(iter(results.values()))[0]['config']}: LoRA step, per rank")
-    for col in ("variant", "backbone MiB", "deltas+grads+Adam MiB", "load peak MiB", "step peak MiB", "step s",
-                "loss"):
+    for col in ("variant", "backbone MiB", "computed", "deltas+grads+Adam MiB", "load peak MiB", "step peak MiB",
+                "step s", "loss"):
         table.add_column(col, justify="right")
     for variant, ranks in results.items():
         r = ranks[0]
-        table.add_row(variant, f"{r['backbone_bytes'] / mib:.1f}",
+        table.add_row(variant, f"{r['backbone_bytes'] / mib:.1f}", f"{r['computed']['backbone_shard'] / mib:.1f}",
                       f"{(r['delta_bytes'] + r['grad_bytes'] + r['optimizer_bytes']) / mib:.2f}",
                       f"{max(x['load_peak_bytes'] for x in ranks) / mib:.0f}",
                       f"{max(x['step_peak_bytes'] for x in ranks) / mib:.0f}",
                       f"{max(x['step_s'] for x in ranks):.3f}", f"{r['losses'][-1]:.4f}")
-    Console().print(table)
+    Console(width=150).print(table)
     plot(results, out / "distributed.png")
 
 
@@ -245,6 +255,9 @@ def main(argv=None):
         results = {"plain": run_variant("plain", 1, args, ckpt, out)}
         for world in worlds:
             results[f"fsdp-{world}"] = run_variant(f"fsdp-{world}", world, args, ckpt, out)
+    for variant, ranks in results.items():
+        for r in ranks:
+            r["computed"] = computed(config(args.config), r["world"])
     write_json(out / "summary.json", {"command": " ".join(["python -m benchmarks.distributed", *(argv or sys.argv[1:])]),
                                       "spec": SPEC, "results": results})
     summarise(results, out)

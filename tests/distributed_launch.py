@@ -36,7 +36,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, world: int, out: Path, timeout: float = 240.0, args=(), per_node: int | None = None) -> Run:
+def launch(scenario: str, world: int, out: Path, timeout: float = 240.0, args=(), per_node: int | None = None,
+           script: Path | None = None) -> Run:
+    """Run `scenario` of the worker (or `script` with `args`, named `scenario` in the logs) on `world` ranks."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "LOCAL_WORLD_SIZE": str(per_node or world), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
@@ -46,8 +48,8 @@ def launch(scenario: str, world: int, out: Path, timeout: float = 240.0, args=()
     for rank in range(world):
         log = open(out / f"{scenario}-rank{rank}.log", "w+")
         rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank % (per_node or world))}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), *map(str, args)],
-                                      env=rank_env, stdout=log, stderr=subprocess.STDOUT))
+        cmd = [str(script), *map(str, args)] if script else [str(WORKER), scenario, str(out), *map(str, args)]
+        procs.append(subprocess.Popen([sys.executable, *cmd], env=rank_env, stdout=log, stderr=subprocess.STDOUT))
         files.append(log)
     codes = []
     for p in procs:

@@ -275,8 +275,9 @@ def helpers(out) -> dict:
 def load(out):
     mesh, data = dist.mesh(), {}
     pt, cfg = Path(out, "cpmant.pt"), cpmant.CONFIGS["tiny"]
-    spec = "lora(r=4,alpha=8)@attn.q,attn.v; prompt@prompt; prefix(n=3)@attn"
-    # fp32 file, bf16 model: the single-process run is load_cpmant(bf16) + seed + attach
+    spec = "lora(r=4,alpha=8)@attn.q,attn.v; prompt@prompt; prefix(n=3)@attn; full@ln.final"
+    # fp32 file, bf16 model: the single-process run is load_cpmant(bf16) + seed + attach (full copies the
+    # final norm's bf16 values: the reference model must convert what a delta reads)
     single = cpmant.load_cpmant(pt, "tiny", dtype=torch.bfloat16)
     torch.manual_seed(5)
     ref = deltakit.attach(single, spec)

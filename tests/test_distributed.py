@@ -141,7 +141,9 @@ def test_sampler_split_reduce_gather_and_rank0_writing(parity):
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     out = tmp_path_factory.mktemp("load")
-    sd = w.cpmant_model(seed=3).state_dict()
+    g = torch.Generator().manual_seed(3)
+    sd = {k: torch.rand(v.shape, generator=g) + 0.5 if "layernorm" in k else v   # not exact in bf16
+          for k, v in w.cpmant_model(seed=3).state_dict().items()}
     torch.save(sd, out / "cpmant.pt")                                     # as CPM-Live ships it, in fp32
     dist.to_safetensors({k: v for k, v in sd.items() if k != "encoder.layers.1.ffn.ffn.w_out.weight"},
                         out / "cpmant-missing.safetensors")
@@ -227,3 +229,50 @@ def test_a_rank_that_stops_answering_ends_the_run_after_the_timeout(tmp_path):
     assert run.codes[1] == 3   # it slept twice the timeout, then left
     assert run.codes[0] not in (0, None)
     assert "DistributedError" in run.logs[0] and "Timed out" in run.logs[0]
+
+
+# ---- the README's training script, on two CPU processes ----------------------------------------------
+
+def documented_script(tmp_path):
+    from pathlib import Path
+    text = (Path(__file__).parent.parent / "docs-distributed.md").read_text(encoding="utf-8")
+    section = text.split("### A training script", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "train.py"
+    path.write_text(code, encoding="utf-8")
+    return path
+
+
+def test_the_documented_training_script_trains_saves_and_resumes(tmp_path):
+    script = documented_script(tmp_path)
+    dist.to_safetensors(w.cpmant_model().state_dict(), tmp_path / "tiny.safetensors")
+    g = torch.Generator().manual_seed(0)
+    lines = [json.dumps({"ids": torch.randint(8, 96, (int(n),), generator=g).tolist()})
+             for n in torch.randint(3, 9, (10,), generator=g)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--checkpoint", tmp_path / "tiny.safetensors", "--config", "tiny", "--data", tmp_path / "train.jsonl",
+            "--out", tmp_path / "run", "--batch", 2, "--save-every", 2]
+    for steps in (3, 5):   # the second command resumes from the state the first one saved
+        run = launch("script", 2, tmp_path / "logs", args=[*args, "--steps", steps], script=script)
+        assert run.ok, run.explain()
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / "run" / "state.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()["state"])["step"] == steps
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # the fingerprint the ranks wrote fits the backbone they trained on
+        h = deltakit.load(cpmant.load_cpmant(tmp_path / "tiny.safetensors", "tiny"), tmp_path / "run" / "deltas")
+    assert h.num_trainable == 2 * 2 * 8 * (32 + 32)   # 2 layers x (q, v) x r=8 x (in + out)
+
+
+def test_the_benchmark_measures_half_the_backbone_per_rank(tmp_path):
+    from benchmarks import distributed as bench
+    bench.main(["--config", "tiny", "--worlds", "2", "--steps", "1", "--seq", "8", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "summary.json").read_text())["results"]
+    plain, (r0, r1) = results["plain"][0], results["fsdp-2"]
+    for r in (r0, r1):
+        assert r["backbone_bytes"] == r["computed"]["backbone_shard"] <= plain["backbone_bytes"] / 2 * 1.01
+        assert r["backbone_grads"] == 0 and r["optimizer_tensors"] == r["delta_tensors"] == plain["delta_tensors"]
+        assert r["optimizer_bytes"] == pytest.approx(plain["optimizer_bytes"] / 2, rel=0.01)   # + the step counts
+    assert r0["losses"] == pytest.approx(plain["losses"], rel=1e-2)   # bf16, the batch split over two ranks
+    assert (tmp_path / "distributed.png").stat().st_size > 0
