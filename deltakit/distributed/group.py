@@ -62,17 +62,17 @@ def init(backend: str | None = None, timeout: float = 600.0, init_method: str | 
     gpu = torch.cuda.is_available() and backend in (None, "nccl")
     backend = backend or ("nccl" if gpu else "gloo")
     wait = datetime.timedelta(seconds=timeout)
+    kwargs = {}
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+        kwargs["device_id"] = torch.device("cuda", local_rank())
     if "RANK" not in os.environ and init_method is None:   # a single process: an in-memory store
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=wait, **kwargs)
         return
     missing = [v for v in ("RANK", "WORLD_SIZE") if v not in os.environ]
     if missing:
         raise DistributedError(f"the environment lacks {', '.join(missing)}: launch with torchrun "
                                f"(torchrun --nproc-per-node N script.py), which sets them")
-    kwargs = {}
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank())
-        kwargs["device_id"] = torch.device("cuda", local_rank())
     dist.init_process_group(backend, init_method=init_method or "env://", rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=wait, **kwargs)
 

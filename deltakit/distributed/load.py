@@ -143,6 +143,9 @@ def load_sharded(build, path, attach, *, seed: int = 0, mesh=None, **shard_optio
                 raise CheckpointError(f"{names[0][2]} is on the meta device and not in {path}: it is a buffer the "
                                       f"model computes when it is built; build its buffers on a real device")
             continue
+        if tuple(value.shape) != tuple(t.shape):
+            raise CheckpointError(f"{names[0][2]} has shape {tuple(value.shape)} in {path}, {tuple(t.shape)} in the model "
+                                  f"(is it the checkpoint of this config?)")
         _put(names, _allocate(t, value, where))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -152,10 +155,9 @@ def load_sharded(build, path, attach, *, seed: int = 0, mesh=None, **shard_optio
 
 
 def _allocate(t, value, where):
-    """A new tensor like `t` (sharded or not) holding this rank's part of `value`, on `where`."""
-    if tuple(value.shape) != tuple(t.shape):
-        raise CheckpointError(f"a tensor of shape {tuple(value.shape)} is given for one of shape {tuple(t.shape)}")
-    local = local_slice(value, t).to(device=where, dtype=t.dtype, copy=True).contiguous()   # own memory: the file is unmapped after loading
+    """A new tensor like `t` (sharded or not) holding this rank's part of `value`, on `where`, in its
+    own memory (not the checkpoint's mapping, which is let go after loading)."""
+    local = local_slice(value, t).to(device=where, dtype=t.dtype, copy=True).contiguous()
     if is_dtensor(t):
         from torch.distributed.tensor import DTensor
         local = DTensor.from_local(local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())

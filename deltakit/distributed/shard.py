@@ -12,7 +12,9 @@
   that itself carries hooks or deltas is refused, as is a delta whose hooks run in another block.
 * Frozen parameters get no gradient: only the deltas' gradients are reduced, and only they get
   optimizer state (build the optimizer after shard: sharding replaces every parameter). FSDP
-  needs one dtype among a unit's trainable parameters; that is checked here, with names.
+  needs one dtype among a unit's trainable parameters; that is checked here, with names. FSDP
+  fixes each unit's reduce dtype at the first forward from what is trainable then: do not unfreeze
+  parameters afterwards.
 * Activation checkpointing inside, the FSDP unit outside (`_checkpoint`: non-reentrant, the RNG
   state kept so dropout masks repeat). The deltas' hooks run again in the recompute; they keep no
   state across forwards, so that is harmless.
