@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .distributed.group import on_main
+from .distributed.tensors import is_sharded, leading_values, plain_class_name, plain_name
 from .errors import CheckpointError, listing
 from .io import atomic_write, write_text
 from .positions import backbone_params, family
@@ -22,18 +24,18 @@ WEIGHTS, CONFIG = "deltas.safetensors", "deltakit.json"
 
 def fingerprint(model, entries) -> dict:
     params = backbone_params(model)
-    structure = hashlib.sha256("\n".join(f"{n}:{tuple(p.shape)}" for n, p in params).encode()).hexdigest()
+    structure = hashlib.sha256("\n".join(f"{plain_name(n)}:{tuple(p.shape)}" for n, p in params).encode()).hexdigest()
     sample = hashlib.sha256()
     for e in entries:   # a few values of every targeted module: tells checkpoints apart cheaply
         for p in _module_params(model, e.position.path):
             if p.device.type == "meta":
                 sample = None
                 break
-            sample.update(p.detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+            sample.update(leading_values(p, 16).float().cpu().numpy().tobytes())   # sharded: a collective
         if sample is None:
             break
     fam = family(model)
-    return {"class": type(model).__name__, "family": fam.name if fam else "generic",
+    return {"class": plain_class_name(model), "family": fam.name if fam else "generic",
             "num_params": sum(p.numel() for _, p in params), "structure": structure,
             "sample": sample.hexdigest() if sample is not None else None}
 
@@ -68,14 +70,23 @@ def describe(handle) -> dict:
 
 
 def save(handle, path) -> Path:
+    """On a sharded model every rank calls this: the deltas are gathered (nothing of the backbone) and
+    rank 0 writes."""
     from safetensors.torch import save_file
     if not handle.entries:
         raise CheckpointError(f"handle {handle.name!r} has no deltas to save (detached?)")
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in handle.state_dict().items()}
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    write_text(folder / CONFIG, json.dumps(describe(handle), indent=2, ensure_ascii=False))   # written last
+    config = json.dumps(describe(handle), indent=2, ensure_ascii=False)
+
+    def write():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+        write_text(folder / CONFIG, config)   # written last
+    if is_sharded(handle.model):
+        on_main(write)
+    else:
+        write()
     return folder
 
 

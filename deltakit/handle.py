@@ -17,6 +17,7 @@ from torch import nn
 
 from . import checkpoint, joins, peft_export, report
 from .deltas import Delta
+from .distributed.tensors import copy_into, full_tensor, refuse_if_sharded, reshard
 from .errors import CheckpointError, HandleError, listing
 from .joins import fold
 from .plan import Plan, Planned, SharedPlan, plan
@@ -95,6 +96,7 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
         raise HandleError(f"attach() needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise HandleError(f"handle name {name!r} must be an identifier such as 'default' or 'task_a'")
+    refuse_if_sharded(model, "attach()")
     state = _STATES.get(model)
     if state and name in state.handles:
         raise HandleError(f"a handle named {name!r} is already attached to this model; "
@@ -121,6 +123,7 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
 def load(model, path, name: str | None = None) -> "Handle":
     """Attach the deltas saved at `path` (by `Handle.save`) to `model` and load their weights.
     A clear CheckpointError when they do not fit; a warning when the backbone differs but they fit."""
+    refuse_if_sharded(model, "load()")
     config = checkpoint.read_config(path)
     checkpoint.check_fits(model, config, plan(model, config["spec"]), path)
     tensors = checkpoint.read_tensors(path)
@@ -221,10 +224,13 @@ class Handle:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def state_dict(self) -> dict:
-        return {n: p.detach() for n, p in self.named_parameters()}
+        """The delta tensors by name; on a sharded model gathered whole (a collective: every rank calls it)."""
+        reshard(self.model)
+        return {n: full_tensor(p.detach()) for n, p in self.named_parameters()}
 
     def load_state_dict(self, tensors: dict, strict: bool = True):
         fold.refuse_while_merged(self, "loading delta weights")
+        reshard(self.model)   # on a sharded model: write into the shards, not into a gathered copy
         own = dict(self.named_parameters())
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
@@ -235,10 +241,9 @@ class Handle:
                  if k in own and tuple(own[k].shape) != tuple(v.shape)]
         if wrong:   # checked before anything is copied: a failed load changes nothing
             raise CheckpointError(f"delta weights of handle {self.name!r} have other shapes: {listing(wrong, 5)}")
-        with torch.no_grad():
-            for key, value in tensors.items():
-                if key in own:
-                    own[key].copy_(value)
+        for key, value in tensors.items():   # whole values; on a sharded model each rank keeps its slice
+            if key in own:
+                copy_into(own[key], value)
 
     def summary(self) -> str:
         return report.summary(self)
@@ -272,10 +277,12 @@ class Handle:
         """Fold every foldable delta into the backbone weights; returns the keys that stay live
         (adapters, prefixes, prompts, bias deltas on modules without a bias). keep_original keeps a
         copy of each weight written to, so unmerge() restores it bit for bit (deltakit/joins/fold.py)."""
+        refuse_if_sharded(self.model, "merge()")
         return fold.merge(self, keep_original)
 
     def unmerge(self):
         """Take folded deltas back out of the weights (bit-exact with keep_original=True)."""
+        refuse_if_sharded(self.model, "unmerge()")
         fold.unmerge(self)
 
     # the order of merges across handles on one model, so unmerges can be checked against it
@@ -313,6 +320,7 @@ class Handle:
         other deltas of this handle are copied as they are. This handle is detached first (keep=True
         leaves it attached but disabled). Returns the new handle (merge, save, export it as usual)."""
         from .deltas.hyper import plain_deltas
+        refuse_if_sharded(self.model, "materialize()")
         fold.refuse_while_merged(self, "materialize()")
         spec, weights = plain_deltas(self, task)
         if keep:
@@ -338,6 +346,7 @@ class Handle:
         state = _STATES.get(self.model)
         if state is None or state.handles.get(self.name) is not self:
             raise HandleError(f"handle {self.name!r} is not attached (already detached?)")
+        refuse_if_sharded(self.model, "detach()")
         if keep_merged:
             self.originals.clear()
             self.unmerge_record()

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distributed.group import on_main
+from .distributed.tensors import full_tensor, is_sharded, reshard
 from .joins.site import gated, submodule
 from .io import atomic_write
 from .errors import CheckpointError, listing
@@ -67,6 +69,7 @@ def save(handle, path) -> Path:
         raise CheckpointError(f"handle {handle.name!r} has no lora deltas; PEFT refuses a LoRA adapter that targets "
                               f"no module (full deltas alone cannot be exported)")
     task = task_type(model)
+    reshard(model)   # sharded: each tensor below is gathered whole (a collective), the backbone's only for modules_to_save
     saved = _modules_to_save(model, fulls, task)
     inside = [p for p in loras if any(p == s or p.startswith(f"{s}.") for s in saved)]
     if inside:
@@ -99,11 +102,17 @@ def save(handle, path) -> Path:
         "modules_to_save": saved or None, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
     }
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}   # no shared storage
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     text = json.dumps(config, indent=2)
-    atomic_write(folder / CONFIG, lambda tmp: tmp.write_text(text, encoding="utf-8"))   # last: marks it complete
+
+    def write():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        atomic_write(folder / CONFIG, lambda tmp: tmp.write_text(text, encoding="utf-8"))   # last: marks it complete
+    if is_sharded(model):   # every rank calls save; rank 0 writes
+        on_main(write)
+    else:
+        write()
     return folder
 
 
@@ -115,7 +124,7 @@ def _lora(module, entries):
     fold = len(scales) > 1
     As, Bs = [], []
     for e in entries:
-        A, B = e.module.lora_A.detach(), e.module.lora_B.detach()
+        A, B = full_tensor(e.module.lora_A.detach()), full_tensor(e.module.lora_B.detach())
         if e.gate is not None:   # the engine multiplies the delta's output (per feature or overall)
             B = B * torch.as_tensor(e.gate).detach().to(B).reshape(-1, 1)
         if fold:
@@ -144,7 +153,7 @@ def _modules_to_save(model, fulls, task) -> list[str]:
 def _merged_state(model, path, fulls) -> dict:
     """The state_dict of the module at `path` as the attached model computes with it: backbone
     values plus the (unmerged, gated) full deltas on it or on its submodules."""
-    state = {k: v.detach().clone() for k, v in submodule(model, path).state_dict().items() if is_backbone(k)}
+    state = {k: full_tensor(v.detach()).clone() for k, v in submodule(model, path).state_dict().items() if is_backbone(k)}
     for q, entries in fulls.items():
         if q != path and not q.startswith(f"{path}."):
             continue
@@ -154,7 +163,7 @@ def _merged_state(model, path, fulls) -> dict:
                 continue
             for (_, name), delta in _full_changes(e).items():
                 key = f"{rel}.{name}" if rel else name
-                state[key] += delta.to(state[key])
+                state[key] += full_tensor(delta).to(state[key])
     return state
 
 
