@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import weakref
 
 import torch
 from torch import nn
@@ -37,7 +36,13 @@ class _ModelState:
         self.merges: list = []   # (handle name, ids of the parameters it wrote), in merge order
 
 
-_STATES: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
+# The state lives on the model (a plain attribute, not a submodule): a model dropped while attached
+# is collected with its handles, which a global table keyed by the model would keep alive.
+_STATE = "_deltakit_state"
+
+
+def _state(model) -> "_ModelState | None":
+    return model.__dict__.get(_STATE)
 
 
 def _input_grad_hook(model):
@@ -66,12 +71,12 @@ def _input_grad_hook(model):
 
 def handles(model) -> dict:
     """The handles attached to `model`, by name."""
-    state = _STATES.get(model)
+    state = _state(model)
     return dict(state.handles) if state else {}
 
 
 def get(model, name: str = "default") -> "Handle":
-    state = _STATES.get(model)
+    state = _state(model)
     if state is None or name not in state.handles:
         have = ", ".join(state.handles) if state else "none"
         raise HandleError(f"no handle named {name!r} on this model (attached: {have})")
@@ -97,7 +102,7 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise HandleError(f"handle name {name!r} must be an identifier such as 'default' or 'task_a'")
     refuse_if_sharded(model, "attach()")
-    state = _STATES.get(model)
+    state = _state(model)
     if state and name in state.handles:
         raise HandleError(f"a handle named {name!r} is already attached to this model; "
                           f"detach it first or pass name=... (attached: {', '.join(state.handles)})")
@@ -112,7 +117,7 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
             state.ckpt_hook.remove()
         raise
     if fresh:
-        _STATES[model] = state
+        model.__dict__[_STATE] = state
     state.handles[name] = handle
     if freeze:
         for _, p in backbone_params(model):
@@ -287,11 +292,11 @@ class Handle:
 
     # the order of merges across handles on one model, so unmerges can be checked against it
     def merge_record(self, param_ids: set):
-        state = _STATES[self.model]
+        state = _state(self.model)
         state.merges = [(n, ids) for n, ids in state.merges if n != self.name] + [(self.name, param_ids)]
 
     def check_unmerge_order(self):
-        merges = _STATES[self.model].merges
+        merges = _state(self.model).merges
         names = [n for n, _ in merges]
         if self.name not in names:
             return
@@ -302,7 +307,7 @@ class Handle:
                               f"the same weights; unmerge them first")
 
     def unmerge_record(self):
-        state = _STATES[self.model]
+        state = _state(self.model)
         state.merges = [(n, ids) for n, ids in state.merges if n != self.name]
 
     # -- tasks (hypernetwork deltas) ---------------------------------------------------------
@@ -343,7 +348,7 @@ class Handle:
     def detach(self, keep_merged: bool = False):
         """Remove the deltas. With keep_merged=True, merged deltas stay folded in the weights
         (PEFT's merge_and_unload); otherwise the model is exactly what it was before attach."""
-        state = _STATES.get(self.model)
+        state = _state(self.model)
         if state is None or state.handles.get(self.name) is not self:
             raise HandleError(f"handle {self.name!r} is not attached (already detached?)")
         refuse_if_sharded(self.model, "detach()")
@@ -360,7 +365,7 @@ class Handle:
                     p.requires_grad_(state.requires_grad[n])
             if state.ckpt_hook is not None:
                 state.ckpt_hook.remove()
-            del _STATES[self.model]
+            del self.model.__dict__[_STATE]
 
     def _remove_entries(self):
         for module in self.shared_modules.values():

@@ -201,8 +201,7 @@ def test_a_failed_attach_leaves_nothing_behind(first):
             deltakit.attach(model, "failing_lora@attn.q")
         if first:
             assert deltakit.handles(model) == {}
-            from deltakit.handle import _STATES
-            assert model not in _STATES, "per-model state of a failed first attach"
+            assert "_deltakit_state" not in model.__dict__, "per-model state of a failed first attach"
             assert_pristine(model, ref, tm.inputs("bert"), flags)
         else:
             assert list(deltakit.handles(model)) == ["other"]
@@ -358,3 +357,14 @@ def test_full_on_the_embedding_changes_the_output_on_every_family(family):
         torch.testing.assert_close(tm.run(model, batch), live, rtol=1e-5, atol=1e-5)
     h.detach()
     assert_pristine(model, ref, batch)
+
+
+def test_a_model_dropped_while_attached_is_freed():
+    import gc
+    import weakref
+    model = tm.make("llama")
+    deltakit.attach(model, "lora@attn.q; prefix(n=2)@attn")
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None, "deltakit keeps an attached model alive"
