@@ -106,6 +106,7 @@ AT_LEAST = {   # setting -> its smallest value (None stays allowed where the typ
 }
 POSITIVE = ("search_epochs", "retrain_epochs", "lr_weights", "lr_fixed", "lr_logits", "retrain_lr", "beta", "clip")
 NON_EMPTY = ("task", "space", "device")
+FLOAT32_MAX = 3.4028234663852886e38   # rates and sizes become float32 tensors and optimizer settings
 _ACCEPTS = {int: (int,), float: (int, float), bool: (bool,), str: (str,), type(None): (type(None),)}
 
 
@@ -121,8 +122,8 @@ def check(cfg: Config) -> None:
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = " or ".join(dict.fromkeys("None" if t is type(None) else t.__name__ for t in kinds))
             raise SearchError(f"{f.name}={value!r} ({type(value).__name__}) must be {names}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SearchError(f"{f.name}={value!r} must be a finite number")
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise SearchError(f"{f.name}={value!r} must be a finite number that float32 holds (below 3.4e38)")
     for name, (allowed, say) in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise SearchError(f"{name}={getattr(cfg, name)!r}: use {say}")

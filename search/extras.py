@@ -4,6 +4,7 @@ with a warning (`optional`), so a run never loses its results to a missing extra
 found with importlib.util.find_spec: nothing is imported here."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 
@@ -47,3 +48,14 @@ def optional(module: str, output: str) -> bool:
     warnings.warn(f"{module} is not installed, so {output} will not be written (everything else will): "
                   f"{install_hint([module])}", MissingExtraWarning, stacklevel=2)
     return False
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings as 'warning: ...' lines (no file name, no source line): for commands."""
+    old = warnings.formatwarning
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = old

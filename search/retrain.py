@@ -10,6 +10,7 @@ import torch
 import deltakit
 
 from . import data as datalib
+from .errors import SearchError
 from .seeds import derive
 
 
@@ -65,6 +66,9 @@ def train_structure(cfg, backbone, spec: str, trn, dev, logger=None, name: str =
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):   # the deltas are lost: say so rather than score noise
+            raise SearchError(f"retraining diverged at step {step + 1} of {total} (loss {losses[-1]}); "
+                              f"lower --retrain-lr (now {cfg.retrain_lr:g}) and run again")
         if logger:
             logger.log({"retrain/loss": losses[-1]})
         bar.update()

@@ -19,12 +19,10 @@ command after a crash continues from it and finishes with the same result).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 import typing
-import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -137,20 +135,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-@contextlib.contextmanager
-def _one_line_warnings():
-    """Warnings on the command line as 'warning: ...' (no file name, no source line)."""
-    old = warnings.formatwarning
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    try:
-        yield
-    finally:
-        warnings.formatwarning = old
-
-
 def main(argv=None) -> int:
     args = vars(parser().parse_args(argv))
-    with _one_line_warnings():
+    with extras.one_line_warnings():
         try:
             result = run(Config(**args))
         except (deltakit.DeltakitError, OSError) as e:   # what the user can fix: one line, no traceback
