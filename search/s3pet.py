@@ -73,9 +73,9 @@ def run(cfg: Config) -> Result:
         chosen = random_structure(space.sizes, budget.params, cfg.seed, groups, space.shared)
     search_s = time.perf_counter() - t1
     cost = structure_cost(chosen, space.sizes, groups, space.shared)
-    if cost > budget.params:   # the discretisers never overspend; a registered delta type that miscounts could
-        raise BudgetError(f"the chosen structure costs {cost:,} parameters, over the budget {budget}; the space's "
-                          f"planned sizes disagree with the structure's (a delta type whose num_params is wrong?)")
+    if cost > budget.params:   # never, unless a discretiser is wrong: then no structure over budget is trained
+        raise BudgetError(f"the chosen structure costs {cost:,} parameters, over the budget {budget}: a bug in "
+                          f"search/discretize.py, not in the settings; please report it with this command")
 
     t2 = time.perf_counter()
     structure_spec = space.spec_for(chosen)
