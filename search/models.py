@@ -92,6 +92,9 @@ def load_backbone(path, words, seed: int, device: str = "cpu") -> Backbone:
     dev = resolve_device(device)
     for loader in LOADERS:
         backbone = loader(path, words, seed, dev)
+        if backbone is not None and not isinstance(backbone, Backbone):
+            raise SearchError(f"backbone loader {getattr(loader, '__name__', loader)!r} returned a "
+                              f"{type(backbone).__name__}; a loader returns a search.backbone.Backbone, or None")
         if backbone is not None:
             backbone.device = dev
             backbone.model.to(dev).train()

@@ -89,9 +89,13 @@ def test_a_backbone_loader_of_the_wrong_signature_is_refused_when_registered():
     assert all(getattr(f, "__name__", "") != "<lambda>" for f in models.LOADERS)
 
     def mine(path, words, seed, device):
-        return None
+        return None if path == "not-mine" else (path, words)
     try:
         assert models.register_backbone(mine) is mine and models.LOADERS[0] is mine
+        with pytest.raises(SearchError, match="'mine' returned a tuple; a loader returns a search.backbone.Backbone"):
+            models.load_backbone("mine", 2, seed=0)
+        with pytest.raises(SearchError, match="neither a Hugging Face model folder"):   # passed on, then nobody
+            models.load_backbone("not-mine", 2, seed=0)
     finally:
         models.LOADERS.remove(mine)
 
