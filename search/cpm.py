@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .backbone import Backbone
 from .errors import SearchError
-from .models import Backbone
 
 CHECKPOINT_SUFFIXES = (".pt", ".bin", ".safetensors")
 TASK_ID = 1   # CPM-Live tunes with the prompt rows of task 1 (its generation defaults to 2)
@@ -75,6 +75,14 @@ def _files(path: Path) -> tuple[Path, Path | None, Path | None] | None:
     vocabs = sorted(folder.glob("*.txt"))
     vocab = next((p for p in vocabs if p.name in ("ant.txt", "vocab.txt")), vocabs[0] if len(vocabs) == 1 else None)
     return ckpt, config, vocab
+
+
+def is_native_cpmant(path) -> bool:
+    """Whether `path` is a native CPM-Ant checkpoint or folder (an ambiguous folder is one too: loading it says why)."""
+    try:
+        return _files(Path(path)) is not None
+    except SearchError:
+        return True
 
 
 def _is_cpmant_config(path: Path) -> bool:

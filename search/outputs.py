@@ -1,0 +1,74 @@
+"""What a run leaves behind: structure.json, structure.spec, metrics.json, the retrained deltas/,
+gates.png (when matplotlib is installed), and the wandb log (when asked)."""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import asdict
+
+from deltakit.io import write_json, write_text
+
+
+class Logger:
+    """wandb when asked (offline unless an API key or WANDB_MODE says otherwise), else nothing."""
+
+    def __init__(self, cfg, out):
+        self.run = None
+        if not cfg.wandb:
+            return
+        import wandb   # present: the run checked its extras before starting
+        offline = not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ
+        self.run = wandb.init(project="deltakit-s3pet", config=asdict(cfg), dir=str(out) if out else None,
+                              name=f"{cfg.strategy}-{cfg.budget}-s{cfg.seed}", resume="allow",
+                              mode="offline" if offline else None)
+
+    def log(self, values: dict, step: int | None = None):
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+
+
+def metrics(cfg, setup, space, chosen, cost, handle, test, retrain, search_info, seconds) -> dict:
+    """metrics.json without the search history (write_outputs adds it)."""
+    budget, task = setup.budget, setup.task
+    return {"test": test, "dev": retrain["dev"], "budget": budget.params, "budget_text": budget.text,
+            "budget_fraction": budget.fraction, "backbone_params": budget.backbone, "cost": cost,
+            "fixed_params": sum(p.numel() for n, p in handle.named_parameters()) - cost,
+            "num_chosen": len(chosen), "num_candidates": len(space), "space_params": space.total,
+            "strategy": cfg.strategy, "order": cfg.order, "seconds": seconds,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "search": {k: v for k, v in search_info.items() if k != "history"}, "retrain": retrain,
+            "data": {"train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
+            "config": asdict(cfg)}
+
+
+def write_outputs(result, space, chosen, probs, search_info, handle, heatmap: bool = True):
+    """Every output file into result.output_dir; the heat map last, and only when `heatmap`."""
+    out = result.output_dir
+    chosen_set = set(chosen)
+    structure = {
+        "spec": result.spec, "structure_spec": result.structure_spec, "fixed_spec": result.fixed_spec,
+        "budget": result.budget.params, "budget_text": result.budget.text, "cost": result.cost,
+        "backbone_params": result.budget.backbone, "space": space.spec,
+        "chosen": [{"key": c.key, "position": c.position, "type": c.type, "delta": c.head, "params": c.num_params}
+                   for c in space.candidates if c.index in chosen_set],
+        "candidates": [{"key": c.key, "params": c.num_params, "p": (probs[c.index] if probs else None),
+                        "chosen": c.index in chosen_set} for c in space.candidates],
+    }
+    write_json(out / "structure.json", structure)
+    write_text(out / "structure.spec", result.spec + "\n")
+    full = dict(result.metrics)
+    if search_info.get("history"):
+        full["search_history"] = search_info["history"]
+    write_json(out / "metrics.json", full)
+    handle.save(out / "deltas")
+    if not heatmap:
+        return
+    from .plots import heatmap as draw
+    values = probs if probs else [1.0 if i in chosen_set else 0.0 for i in range(len(space))]
+    title = (f"S3PET gates at the best dev step, budget {result.budget.text} ({result.budget.params:,} params); "
+             f"red: chosen ({result.cost:,})" if probs else f"random structure, budget {result.budget.text}")
+    draw(space.candidates, values, chosen, out / "gates.png", title)
