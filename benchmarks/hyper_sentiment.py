@@ -77,7 +77,7 @@ def run(cfg: Config) -> dict:
     data = {t: task_data(t, train0, test0) for t in tasks}
     model, tokenizer = load_model(e5_small_path(), cfg.seed)
     handle = deltakit.attach(model, cfg.spec)
-    hyper = bool(handle.shared)
+    hyper = bool(handle.shared_modules)
     train = [(e, k) for k, t in enumerate(tasks) for e in data[t][0]]
     # prompt vectors want a larger step than a freshly initialised classifier can take
     head = {id(p) for e in handle.entries if e.type.name == "full" for p in e.module.parameters()}

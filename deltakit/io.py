@@ -7,6 +7,17 @@ import os
 from pathlib import Path
 
 
+def _file_mode() -> int:
+    """What a plain open() would give a new file: 0o666 less the umask (some writers, safetensors
+    among them, create their file 0o600, which a shared results folder should not get)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()
+
+
 def atomic_write(path, write) -> Path:
     """write(tmp_path), fsync, then rename over `path` (its folder is created): a crash (kill -9, or
     power loss once the rename is synced) leaves the old file or the new one, never a half-written one."""
@@ -15,6 +26,7 @@ def atomic_write(path, write) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, _MODE)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

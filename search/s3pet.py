@@ -56,8 +56,8 @@ def run(cfg: Config) -> Result:
     setup = prepare(cfg)
     backbone, budget, fixed = setup.backbone, setup.budget, setup.fixed
     space = build_space(backbone.model, cfg.space, fixed)
-    check_fits(budget, space.sizes, sum(space.shared.values()))
-    groups = [c.rule if c.rule in space.shared else None for c in space.candidates]
+    check_fits(budget, space.sizes, sum(space.rule_params.values()))
+    groups = [c.rule if c.rule in space.rule_params else None for c in space.candidates]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     logger = outputs.Logger(cfg, out)
@@ -68,11 +68,11 @@ def run(cfg: Config) -> Result:
     if cfg.strategy == "search":
         probs, search_info = search(cfg, backbone, space, budget, fixed, setup.trn, setup.dev,
                                     out / CKPT if out is not None else None, logger)
-        chosen = greedy_knapsack(probs, space.sizes, budget.params, groups, space.shared)
+        chosen = greedy_knapsack(probs, space.sizes, budget.params, groups, space.rule_params)
     else:
-        chosen = random_structure(space.sizes, budget.params, cfg.seed, groups, space.shared)
+        chosen = random_structure(space.sizes, budget.params, cfg.seed, groups, space.rule_params)
     search_s = time.perf_counter() - t1
-    cost = structure_cost(chosen, space.sizes, groups, space.shared)
+    cost = structure_cost(chosen, space.sizes, groups, space.rule_params)
     if cost > budget.params:   # never, unless a discretiser is wrong: then no structure over budget is trained
         raise BudgetError(f"the chosen structure costs {cost:,} parameters, over the budget {budget}: a bug in "
                           f"search/discretize.py, not in the settings; please report it with this command")

@@ -26,7 +26,8 @@ PRESETS = {
 class Candidate:
     index: int
     key: str            # "<position>.<type>", as Handle entries name it
-    position: str       # canonical position name, an exact pattern for deltakit.attach
+    position: str       # the position's name (canonical, or its raw path for a `re:` position)
+    pattern: str        # a pattern that selects exactly this position again (deltakit Position.pattern)
     local: str          # name inside a layer ("attn.q"), or the model-level name
     layer: int | None
     stack: str | None
@@ -45,7 +46,7 @@ class Candidate:
 class Space:
     spec: str
     candidates: list
-    shared: dict        # rule text -> parameters shared by all candidates of the rule (hypernetworks)
+    rule_params: dict   # rule text -> parameters shared by all candidates of the rule (hypernetworks)
 
     @property
     def sizes(self) -> list:
@@ -53,7 +54,7 @@ class Space:
 
     @property
     def total(self) -> int:
-        return sum(self.sizes) + sum(self.shared.values())
+        return sum(self.sizes) + sum(self.rule_params.values())
 
     def __len__(self):
         return len(self.candidates)
@@ -64,7 +65,7 @@ class Space:
         groups: dict = {}
         for i in chosen:
             c = self.candidates[i]
-            groups.setdefault(c.head, []).append(c.position)
+            groups.setdefault(c.head, []).append(c.pattern)
         return "; ".join(f"{head}@{','.join(names)}" for head, names in groups.items())
 
 
@@ -86,9 +87,9 @@ def build_space(model, space: str = "M", fixed: str | None = None) -> Space:
             raise SearchError(f"candidate {p.key!r} is also in the fixed part {fixed!r}; drop it from one of them")
         head = p.rule.split("@", 1)[0].strip()
         pos = p.position
-        candidates.append(Candidate(i, p.key, pos.name, pos.local or pos.name, pos.layer, pos.stack,
+        candidates.append(Candidate(i, p.key, pos.name, pos.pattern, pos.local or pos.name, pos.layer, pos.stack,
                                     p.type.name, head, int(p.num_params), p.rule))
     if not candidates:
         raise SearchError(f"search space {spec!r} has no candidates on this model")
-    shared = {rule: int(s.num_params) for rule, s in getattr(planned, "shared", {}).items()}
-    return Space(spec, candidates, shared)
+    rule_params = {rule: int(s.num_params) for rule, s in planned.shared.items()}
+    return Space(spec, candidates, rule_params)

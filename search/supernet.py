@@ -37,13 +37,13 @@ class Search:
         self.entries = [by_key[c.key] for c in space.candidates]
         self.names = dict(self.handle.named_parameters())
         self.weights = list(self.names.values())
-        shared = sum(space.shared.values())
+        shared = sum(space.rule_params.values())
         self.gates = Gates(space.sizes, budget.params - shared, cfg.beta, cfg.project)
         self.alpha = self.gates.logits
         # The fixed part (a new, random task head) learns at its own rate: at the deltas' 3e-4 it stays
         # near random for a short search and the gates would be chosen against an untrained head.
         candidate = {id(p) for e in self.entries for p in e.module.parameters()}
-        candidate |= {id(p) for rule, m in self.handle.shared.items() if rule in space.shared for p in m.parameters()}
+        candidate |= {id(p) for rule, m in self.handle.shared_modules.items() if rule in space.rule_params for p in m.parameters()}
         groups = [{"params": [w for w in self.weights if id(w) in candidate], "base_lr": cfg.lr_weights},
                   {"params": [w for w in self.weights if id(w) not in candidate], "base_lr": cfg.lr_fixed}]
         self.w_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr_weights, weight_decay=0.0)

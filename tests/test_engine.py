@@ -368,3 +368,15 @@ def test_a_model_dropped_while_attached_is_freed():
     del model
     gc.collect()
     assert ref() is None, "deltakit keeps an attached model alive"
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates its file 0o600; a delta folder is as readable as any file the user writes."""
+    model = tm.make("bert")
+    h = deltakit.attach(model, "lora@attn.q")
+    h.save(tmp_path / "d")
+    h.save(tmp_path / "p", format="peft")
+    (tmp_path / "plain.txt").write_text("x")
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    for f in [*(tmp_path / "d").iterdir(), *(tmp_path / "p").iterdir()]:
+        assert f.stat().st_mode & 0o777 == want, f
