@@ -33,7 +33,9 @@ A family has
         x (s W)^T (native CPM-Ant: 1/sqrt(fan_in)); a merge folds delta / s into W;
       - `counted_positions`: the stack numbers positions 0, 1, ... whatever the padding, so left
         padded rows get position ids counted from their first real token while a prefix or prompt
-        is active (`joins/position_ids.py`).
+        is active (`joins/position_ids.py`);
+      - `same_input`: groups of positions in a layer that read the same tensor (q, k, v), whose
+        LoRAs share one matmul (`joins/shared_input.py`; checked at run time, so never wrong).
 
 How a model's family is found (`positions.detect`): every list of numbered layers in the model is
 read with every family's tables. A family fits when
@@ -73,6 +75,10 @@ class Sub:
 REQUIRED = ("attn.q", "attn.k", "attn.v", "attn.o", "cross.q", "cross.k", "cross.v", "cross.o", "ffn.in", "ffn.out")
 
 
+# positions of one layer that read the same tensor: LoRAs there share their first matmul
+SAME_INPUT = (("attn.q", "attn.k", "attn.v"), ("cross.k", "cross.v"), ("ffn.gate", "ffn.in"))
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -85,6 +91,7 @@ class Family:
     prompt_slots: dict = field(default_factory=dict)
     weight_scale: str | None = None
     counted_positions: bool = False
+    same_input: tuple = SAME_INPUT
 
     def layer_table(self, stack: str) -> dict:
         per_stack = stack in self.layer and isinstance(self.layer[stack], dict)

@@ -160,6 +160,7 @@ class Handle:
                 self.shared_modules[rule] = self._build_shared(i, sp, dtype)
             for item in planned:
                 self.entries.append(self._build(item, dtype))
+            joins.share_inputs(self.entries, self.family, model)
         except BaseException:
             self._remove_entries()
             raise

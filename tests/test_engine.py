@@ -380,3 +380,32 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     want = (tmp_path / "plain.txt").stat().st_mode & 0o777
     for f in [*(tmp_path / "d").iterdir(), *(tmp_path / "p").iterdir()]:
         assert f.stat().st_mode & 0o777 == want, f
+
+
+# ---- LoRAs that read one tensor share their first matmul --------------------------------------------------
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5", "cpmant"])
+def test_loras_on_one_input_share_a_matmul_and_give_the_same_result(family, monkeypatch):
+    model, alone = tm.make(family), tm.make(family)
+    spec = "lora(r=2)@attn.q,attn.v" + (",cross.k,cross.v" if family == "t5" else "")
+    h, g = deltakit.attach(model, spec), deltakit.attach(alone, spec)
+    randomise(h, std=0.3)
+    randomise(g, std=0.3)
+    for e in g.entries:   # the reference computes every LoRA on its own
+        e.shared_input = None
+    assert all(e.shared_input is not None for e in h.entries)
+    batch = tm.inputs(family)
+    torch.testing.assert_close(tm.run(model, batch), tm.run(alone, batch), rtol=1e-5, atol=1e-5)
+    from test_families import loss_of
+    loss_of(tm.run(model, batch)).backward()
+    loss_of(tm.run(alone, batch)).backward()
+    for (n, p), (_, q) in zip(h.named_parameters(), g.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4 * float(q.grad.abs().max()), msg=n)
+    widths = []
+    mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: widths.append(b.shape[-1]) or mm(a, b))
+    with torch.no_grad():
+        tm.run(model, batch)
+    assert 4 in widths and 2 not in widths, "q and v did not share x @ [A_q; A_v]^T"
+    for e in h.entries:
+        assert e.shared_input.x is None and not e.shared_input.parts, "a shared input outlived its forward"

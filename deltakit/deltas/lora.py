@@ -45,14 +45,21 @@ class LoRA(Delta):
         # the scale goes on the (out, r) matrix, not on the (batch, seq, out) result
         return x @ self.lora_A.t() @ (self.lora_B.t() * self.scale)
 
-    def add_into(self, out, x):
+    @property
+    def down(self):   # the first matmul, x A^T, which LoRAs on one input share (joins/shared_input.py)
+        return self.lora_A
+
+    def add_into(self, out, x, t=None):
         """out + forward(x) as one addmm, so the (batch, seq, out) delta is never written on its own;
-        None when out is not in this delta's dtype (then the engine adds forward(x) itself)."""
+        t: x A^T when already computed. None when out is not in this delta's dtype (then the engine
+        adds forward(x) itself)."""
         if not x.dtype == out.dtype == self.lora_A.dtype:
             return None
-        if self.dropout is not None:
-            x = self.dropout(x)
-        t = (x @ self.lora_A.t()).reshape(-1, self.lora_A.shape[0])
+        if t is None:
+            if self.dropout is not None:
+                x = self.dropout(x)
+            t = x @ self.lora_A.t()
+        t = t.reshape(-1, self.lora_A.shape[0])
         return torch.addmm(out.reshape(-1, out.shape[-1]), t, self.lora_B.t() * self.scale).view(out.shape)
 
     def merge_delta(self):

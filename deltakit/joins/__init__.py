@@ -6,6 +6,7 @@
     prefix.py        prefix keys/values into attention (three joiners, chosen by what a module offers)
     prompt.py        prompt vectors before the input
     position_ids.py  position ids of padded rows while a prefix or prompt is active
+    shared_input.py  one matmul for the LoRAs that read one tensor (q, k, v)
 
 `install(entry, model)` joins an entry as its `join` says (`INSTALL`); `uninstall(entry)` undoes it.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from . import prefix, prompt, site
 from .base import Entry
+from .shared_input import share_inputs
 
 INSTALL = {
     "parallel": site.install,
@@ -36,4 +38,4 @@ def uninstall(entry: Entry) -> None:
         entry.undo.pop()()
 
 
-__all__ = ["Entry", "INSTALL", "install", "uninstall"]
+__all__ = ["Entry", "INSTALL", "install", "uninstall", "share_inputs"]

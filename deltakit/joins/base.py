@@ -30,6 +30,7 @@ class Entry:
     undo: list = field(default_factory=list)   # what uninstall() calls, last first
     target: object = None     # the module (or model) whose hooks join it, set by install
     seen: object = None       # parallel deltas on sub-blocks: the sub-block input of this forward
+    shared_input: object = None   # LoRAs at positions that read one tensor (joins/shared_input.py)
 
     @property
     def key(self) -> str:
@@ -93,6 +94,16 @@ def leave_site(entry: Entry, holder, attr: str):
     if not site.entries:
         site.remove()
         del holder.__dict__[attr]
+
+
+def common_parent(paths) -> str:
+    """The longest dotted path every one of `paths` lies under ("" for the model itself)."""
+    common = []
+    for segs in zip(*(p.split(".") for p in paths)):
+        if len(set(segs)) > 1:
+            break
+        common.append(segs[0])
+    return ".".join(common)
 
 
 def bind(signature: inspect.Signature, args, kwargs, module) -> dict:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import DeltakitError
 from ..positions import backbone_params
-from .base import Site, join_site
+from .base import Site, common_parent, join_site
 
 
 def submodule(model, path: str):
@@ -121,7 +121,8 @@ class ModuleSite(Site):
                                             f"this forward; the model does not run it before {e.position.out}")
                 fused = getattr(e.module, "add_into", None)
                 if fused is not None and e.module.gate is None and e.position.slice is None:
-                    result = fused(total, inp)
+                    t = e.shared_input.part(e, inp) if e.shared_input is not None else None
+                    result = fused(total, inp, t)
                     if result is not None:
                         total = result
                         continue
@@ -132,15 +133,6 @@ class ModuleSite(Site):
                 cut = e.position.slice
                 total = total + _contribution(e, seq_in if cut is None else seq_in[..., cut[0]:cut[1]], out)
         return total
-
-
-def _common_parent(a: str, b: str) -> str:
-    parts = []
-    for x, y in zip(a.split("."), b.split(".")):
-        if x != y:
-            break
-        parts.append(x)
-    return ".".join(parts)
 
 
 def install(entry, model):
@@ -154,7 +146,7 @@ def install(entry, model):
         def forget(module, args, out):   # also after a forward that raised: hold no activation
             entry.seen = None
         hooks = [submodule(model, pos.inp).register_forward_pre_hook(remember, with_kwargs=True),
-                 submodule(model, _common_parent(pos.inp, pos.out)).register_forward_hook(forget, always_call=True)]
+                 submodule(model, common_parent([pos.inp, pos.out])).register_forward_hook(forget, always_call=True)]
         entry.undo.append(lambda: [h.remove() for h in hooks])
     target = submodule(model, pos.out if sub_block and entry.join != "reparam" else pos.path)
     join_site(entry, target, ModuleSite)
