@@ -53,22 +53,131 @@ option, higher first); tag -> str (words separated by spaces, "word/POS" for SEG
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from . import formats
 from .errors import CugeError
 from .registry import SPLITS, get
 
 LAYOUTS = ("cpmant", "released")
 CPMANT_FILES = {"train": "train.jsonl", "dev": "eval.jsonl", "test": "test.jsonl"}
+CACHE = ".cuge_cache"
+FORMAT_VERSION = 1      # part of the cache key: bump when a reader's output changes
+
+_EMPTY = {"choice": {"options": [], "label": -1},
+          "generate": {"target": ""},
+          "math": {"target": "", "answer": ""},
+          "rank": {"query_id": "", "options": [], "doc_ids": [], "relevance": []},
+          "tag": {"tokens": [], "tags": [], "target": ""}}
+
+
+def columns(kind: str) -> tuple:
+    """The column names of rows of `kind`."""
+    return ("id", "input", "meta", *_EMPTY[kind])
+
+
+def _features(kind: str):
+    from datasets import Features, List, Value
+    types = {"options": List(Value("string")), "label": Value("int64"), "target": Value("string"),
+             "answer": Value("string"), "query_id": Value("string"), "doc_ids": List(Value("string")),
+             "relevance": List(Value("float64")), "tokens": List(Value("string")), "tags": List(Value("string"))}
+    base = {"id": Value("string"), "input": Value("string"), "meta": Value("string")}
+    return Features({**base, **{c: types[c] for c in _EMPTY[kind]}})
+
+
+def _folders(name: str, data_dir) -> list[Path]:
+    root = Path(data_dir)
+    return [root / name, root]
 
 
 def find(dataset: str, data_dir, split: str) -> tuple[Path, str]:
     """(the file of `split`, its layout: 'cpmant' or 'released'); CugeError listing every path
-    looked for when none exists."""
-    raise NotImplementedError
+    looked for when none exists. CPM-Ant's file names are tried first, then the released ones; a
+    JSON file whose first record has an "input" key is read in CPM-Ant's layout."""
+    ds = get(dataset)
+    if split not in SPLITS:
+        raise CugeError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    if not Path(data_dir).is_dir():
+        raise CugeError(f"--data-dir {str(data_dir)!r} is not a folder; expected DIR/{ds.name}/ with "
+                        f"{CPMANT_FILES[split]} (CPM-Ant's layout) or the released files")
+    reader = formats.READERS[ds.released] if ds.released else None
+    names = [CPMANT_FILES[split], *(reader.files[split] if reader else ())]
+    looked = []
+    for folder in _folders(ds.name, data_dir):
+        for fname in dict.fromkeys(names):
+            path = folder / fname
+            looked.append(str(path))
+            if path.is_file():
+                return path, _layout(ds, reader, path, fname)
+    released = (f"the released files ({', '.join(reader.files[split])})" if reader
+                else f"no released format is known for {ds.title}")
+    raise CugeError(f"no {split} file of {ds.title} found; looked for: {', '.join(looked)}. Expected "
+                    f"CPM-Ant's layout (DIR/{ds.name}/{CPMANT_FILES[split]}) or {released}")
+
+
+def _layout(ds, reader, path: Path, fname: str) -> str:
+    if reader and reader.text and fname not in CPMANT_FILES.values():
+        return "released"
+    for _, rec in formats.records(path, is_record=lambda x: True):
+        if isinstance(rec, dict) and "input" in rec:
+            return "cpmant"
+        break
+    if reader is None:
+        raise CugeError(f"{path}: {ds.title} has no known released format, so its files must be in "
+                        'CPM-Ant\'s layout: lines {"input", "target"} or {"input", "options", "target"}')
+    return "released"
 
 
 def load(dataset: str, data_dir, split: str, max_n: int | None = None, cache_dir=None):
     """One split as a memory-mapped `datasets.Dataset` of canonical rows (the module docstring);
-    `max_n`: only the first max_n rows (quick runs). Every returned row has been validated."""
-    raise NotImplementedError
+    `max_n`: only the first max_n rows (quick runs). Every returned row has been validated: a file
+    that does not fit its format raises CugeError with its path and line, and nothing is returned."""
+    from datasets import Dataset as ArrowDataset
+    from datasets.exceptions import DatasetGenerationError
+
+    ds = get(dataset)
+    if max_n is not None and (not isinstance(max_n, int) or max_n < 1):
+        raise CugeError(f"max_n must be a positive number of rows, got {max_n!r}")
+    path, layout = find(ds.name, data_dir, split)
+    stat = path.stat()
+    kwargs = {"name": ds.name, "path": str(path), "layout": layout, "split": split, "max_n": max_n,
+              "stamp": f"{stat.st_size}-{stat.st_mtime_ns}-v{FORMAT_VERSION}"}
+    cache = Path(cache_dir) if cache_dir is not None else path.parent / CACHE
+    try:
+        rows = ArrowDataset.from_generator(_rows, features=_features(ds.kind_of(split)), gen_kwargs=kwargs,
+                                           cache_dir=str(cache))
+    except DatasetGenerationError as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, CugeError):
+            raise cause from None
+        raise
+    if len(rows) == 0:
+        raise CugeError(f"{path}: no examples in the {split} split of {ds.title}")
+    return rows
+
+
+def _rows(name, path, layout, split, max_n, stamp):
+    """The canonical rows of one file, checked one by one (stamp only keys the cache)."""
+    ds = get(name)
+    kind = ds.kind_of(split)
+    if layout == "cpmant":
+        parse, text, is_record = formats.cpmant(kind, split, ds), False, (lambda x: isinstance(x, dict))
+    else:
+        reader = formats.READERS[ds.released]
+        parse, text, is_record = reader.parse, reader.text, reader.is_record
+    n = 0
+    for lineno, rec in formats.records(path, text=text, is_record=is_record):
+        try:
+            out = parse(rec, split, ds)
+        except formats.Bad as e:
+            raise CugeError(f"{path}:{lineno}: {e} ({ds.title}, {split} split, "
+                            f"{'CPM-Ant' if layout == 'cpmant' else 'released'} layout)") from None
+        for k, row in enumerate(out):
+            meta = row.pop("meta", rec)
+            row["id"] = row.get("id") or f"{split}:{lineno}" + (f":{k}" if k else "")
+            row["meta"] = meta if isinstance(meta, str) else json.dumps(meta, ensure_ascii=False)
+            yield {**_EMPTY[kind], **row}
+            n += 1
+            if max_n is not None and n >= max_n:
+                return

@@ -125,8 +125,8 @@ _ROWS = (
     Dataset("sogou_log", "Sogou-Log", "IA&QA", "document retrieval", "rank", ("ndcg@10", "mrr"),
             lite=True, mt5_small=29.20, released="sogou_log", confirmed=True, train_kind="choice",
             template="查询：{query}标题：{title}",
-            fields="train {query, pos_doc, neg_doc} -> choice rows (input '查询：{query}', options "
-                   "['标题：{pos}', '标题：{neg}'], label 0); dev/test {query_id, query, doc: [{sogou_id, title, "
+            fields="train {query, pos_doc, neg_doc} -> choice rows (input '查询：{query}标题：', options "
+                   "[pos title, neg title], label 0); dev/test {query_id, query, doc: [{sogou_id, title, "
                    "label?}]} -> rank rows (options = the filled template per doc)",
             note="the report says nDCG@k without k: 10 is assumed; the dev file's relevance field name is not "
                  "seen (label/relevance/rel are read)"),
