@@ -43,6 +43,8 @@ def records(path, text: bool = False, is_record: Callable = lambda x: isinstance
                     yield lineno, line.strip()
             return
         first = _first_line(f)
+        if not first.strip():
+            return          # an empty file has no records (data.load says so)
         if _first_is_record(first, is_record):
             yield from _json_lines(f, path)
         elif first.lstrip().startswith("["):
