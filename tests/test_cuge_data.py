@@ -379,3 +379,7 @@ def test_jieba_baseline_and_its_scores(tmp_path):
     pku.build_split(tmp_path, n_paragraphs=40)
     scores = pku.baseline_scores(tmp_path)
     assert 50 < scores["pku_seg"]["seg_f1"] < 100 and 20 < scores["pku_segpos"]["segpos_f1"] < scores["pku_segpos"]["seg_f1"]
+    from benchmarks.cuge import score
+    runs = score.read_runs(pku.write_baseline_runs(tmp_path, tmp_path / "runs"))   # as run.py writes them
+    assert {(r["model"], r["dataset"]) for r in runs} == {("jieba", "pku_seg"), ("jieba", "pku_segpos")}
+    assert runs[0]["scores"] == scores[runs[0]["dataset"]]

@@ -10,7 +10,7 @@ Paragraphs (lines of the corpus) are shuffled with a fixed seed and dealt into t
 (so no paragraph is split across them), then cut into sentences after 。！？ (keeping closing quotes
 and brackets with the sentence), as SIGHAN's files hold one sentence per line.
 
-    python -m benchmarks.cuge.pku --out data/ [--paragraphs 300] [--baseline]
+    python -m benchmarks.cuge.pku --out data/ [--paragraphs 300] [--baseline] [--runs runs/]
 """
 from __future__ import annotations
 
@@ -126,17 +126,34 @@ def baseline_scores(data_dir, split: str = "test", max_n: int | None = None) -> 
             "sentences": len(seg)}
 
 
+def write_baseline_runs(data_dir, runs_dir, split: str = "test") -> list[Path]:
+    """jieba's scores as run folders (run.py's metrics.json), so `python -m benchmarks.cuge.score`
+    puts jieba beside the tuned models: runs_dir/jieba-pku_seg, runs_dir/jieba-pku_segpos."""
+    scores = baseline_scores(data_dir, split)
+    out = []
+    for name in ("pku_seg", "pku_segpos"):
+        folder = Path(runs_dir) / f"jieba-{name}"
+        write_json(folder / "metrics.json", {"model": "jieba", "delta": "", "dataset": name, "split": split,
+                                             "scores": scores[name], "n_examples": scores["sentences"],
+                                             "data_dir": str(data_dir)})
+        out.append(folder)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cuge.pku", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="data folder: OUT/pku_seg and OUT/pku_segpos are written")
     ap.add_argument("--paragraphs", type=int, help="only this many paragraphs (a small split)")
     ap.add_argument("--baseline", action="store_true", help="also score jieba on the test split")
+    ap.add_argument("--runs", help="write jieba's scores as run folders here (for benchmarks.cuge.score)")
     args = ap.parse_args(argv)
     manifest = build_split(args.out, args.paragraphs)
     print(json.dumps(manifest["sizes"], indent=1))
     if args.baseline:
         manifest["jieba"] = baseline_scores(args.out)
         print(json.dumps(manifest["jieba"], indent=1))
+    if args.runs:
+        print("wrote", ", ".join(map(str, write_baseline_runs(args.out, args.runs))))
     return manifest
 
 

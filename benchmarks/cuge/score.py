@@ -158,10 +158,12 @@ def table(run_dirs=()) -> dict:
     for s in systems(read_runs(run_dirs)) if run_dirs else []:
         entries.append({"name": s["name"], "source": "run", "model": s["model"], "delta": s["delta"],
                         "split": s["split"], "raw": s["raw"], "paths": s["paths"], **cuge_scores(s["raw"])})
-    return {"aggregation": "normalised = p / b x 100 with b = mT5-small's score; task, capability and index "
-                           "are means of the level below, computed both ways: arithmetic (the report's text) "
-                           "and harmonic (reproduces Table 2's 157 for CPM-2 and 152 for mT5-XXL, truncated)",
+    others = {d for e in entries for d in e["unnormalised"]}
+    return {"aggregation": "task, capability and index are means of the level below, computed both ways: "
+                           "arithmetic (the report's text) and harmonic (reproduces Table 2's 157 for CPM-2 and 152 "
+                           "for mT5-XXL, truncated to integers)",
             "capabilities": {c: [d for d in LITE if DATASETS[d].capability == c] for c in CAPABILITIES},
+            "other_datasets": [d for d in DATASETS if d in others],     # raw only: no published base
             "entries": entries}
 
 
@@ -176,22 +178,31 @@ def _index(e, how) -> str:
     return f"{e['index'][how]:.1f}" if e["index"] else "–"
 
 
+def _columns(board) -> list[tuple[str, str]]:
+    """(header, dataset) per score column: the 7 lite datasets, then any other dataset run."""
+    lite = [(f"{c} {get(ds[0]).title}", ds[0]) for c, ds in board["capabilities"].items()]
+    return lite + [(f"{get(d).capability} {get(d).title} (raw)", d) for d in board["other_datasets"]]
+
+
+def _cells(board, e) -> list[str]:
+    return [e["name"], *(_cell(e, d) for _, d in _columns(board)), _index(e, "arithmetic"), _index(e, "harmonic"),
+            str(e.get("published_index", "–"))]
+
+
+HEADS = ("index (arithmetic)", "index (harmonic)", "published index")
+
+
 def markdown(board: dict) -> str:
-    caps = board["capabilities"]
-    head = ["system", *(f"{c} {get(ds[0]).title}" for c, ds in caps.items()), "index (arithmetic)",
-            "index (harmonic)", "published index"]
+    head = ["system", *(h for h, _ in _columns(board)), *HEADS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for e in board["entries"]:
-        cells = [e["name"], *(_cell(e, ds[0]) for ds in caps.values()), _index(e, "arithmetic"),
-                 _index(e, "harmonic"), str(e.get("published_index", "–"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = ["", "Raw score (normalised score = p / b x 100, b = mT5-small). " + board["aggregation"] + "."]
+    lines += ["| " + " | ".join(_cells(board, e)) + " |" for e in board["entries"]]
+    notes = ["", "Cells: raw score (normalised score p / b x 100, b = mT5-small's). The index is the lite index, "
+                 "given when a system has all 7 lite datasets; " + board["aggregation"] + "."]
     for e in board["entries"]:
         if e["missing"] and e["source"] == "run":
             notes.append(f"- {e['name']}: no index, missing {', '.join(get(d).title for d in e['missing'])}")
-        if e["unnormalised"]:
-            extra = ", ".join(f"{get(d).title} {e['raw'][d]:.2f}" for d in e["unnormalised"])
-            notes.append(f"- {e['name']}: not normalised (no published mT5-small score): {extra}")
+    if board["other_datasets"]:
+        notes.append("- (raw): no published mT5-small score to normalise by, so not in the index")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -202,17 +213,25 @@ def plot(board: dict, path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    entries, caps = board["entries"], list(board["capabilities"])
-    width = 0.8 / len(entries)
-    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(caps) + 0.3 * len(entries)), 4.5))
-    for i, e in enumerate(entries):
-        vals = [e["capabilities"].get(c, {}).get("arithmetic", 0.0) for c in caps]
-        ax.bar(np.arange(len(caps)) + (i - (len(entries) - 1) / 2) * width, vals, width, label=e["name"])
-    ax.axhline(100, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(np.arange(len(caps)), caps)
-    ax.set_ylabel("normalised score (mT5-small = 100)")
-    ax.set_title("CUGE lite: normalised score per capability")
-    ax.legend(fontsize=7, ncol=2)
+    entries, caps, others = board["entries"], list(board["capabilities"]), board["other_datasets"]
+    fig, axes = plt.subplots(1, 2 if others else 1, squeeze=False, width_ratios=[len(caps), len(others)] if others else None,
+                             figsize=(max(8, 1.4 * (len(caps) + len(others)) + 0.3 * len(entries)), 4.5))
+    panels = [(axes[0][0], caps, entries, lambda e, c: e["capabilities"].get(c, {}).get("arithmetic", float("nan")),
+               "normalised score (mT5-small = 100)", "CUGE lite: normalised score per capability")]
+    if others:
+        panels.append((axes[0][1], others, [e for e in entries if set(e["raw"]) & set(others)],
+                       lambda e, d: e["raw"].get(d, float("nan")), "raw score", "other datasets (no published base)"))
+    colour = {e["name"]: f"C{i % 10}" for i, e in enumerate(entries)}
+    for ax, keys, rows, value, ylabel, title in panels:
+        width = 0.8 / len(rows)
+        for i, e in enumerate(rows):
+            ax.bar(np.arange(len(keys)) + (i - (len(rows) - 1) / 2) * width, [value(e, k) for k in keys], width,
+                   label=e["name"], color=colour[e["name"]])
+        ax.set_xticks(np.arange(len(keys)), [k if k in caps else get(k).title for k in keys])
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+    axes[0][0].axhline(100, color="grey", lw=0.8, ls="--")
+    axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -231,16 +250,17 @@ def leaderboard(run_dirs, out_dir) -> dict:
 
 
 def print_board(board: dict) -> None:
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
-    caps = board["capabilities"]
-    t = Table(title="CUGE lite leaderboard: raw (normalised)")
-    for col in ["system", *caps, "index arith.", "index harm.", "published"]:
-        t.add_column(col)
+    from rich.text import Text
+    t = Table(title="CUGE leaderboard: raw (normalised)")
+    for i, col in enumerate(["system", *(h for h, _ in _columns(board)), *HEADS]):
+        t.add_column(col, overflow="fold", min_width=24 if i == 0 else None)
     for e in board["entries"]:
-        t.add_row(e["name"], *(_cell(e, ds[0]) for ds in caps.values()), _index(e, "arithmetic"),
-                  _index(e, "harmonic"), str(e.get("published_index", "–")))
-    Console().print(t)
+        t.add_row(*map(Text, _cells(board, e)))     # Text: a delta spec's [..] is not rich markup
+    Console(width=max(shutil.get_terminal_size().columns, 160)).print(t)
 
 
 def _default_out(first: Path) -> Path:
