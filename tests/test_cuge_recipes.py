@@ -6,6 +6,7 @@ CPM-2: CPM-2-Finetune `CPM2Datasets.py` layouts (`target = [1, <s_0>] + ... (+ <
 labels = target[1:]) and `finetune_cpm2.py::forward_step`'s per-sample mean."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,22 @@ def test_cpmant_generation_is_beam_search_from_prompt_and_input(ant):
         ant.predict(rows, "classify")
 
 
+def test_cpmant_prompt_delta_trains_task_1s_rows_only(ant):
+    setup(ant, "lcsts", max_len=64)
+    handle = deltakit.attach(ant.model, rc.DEFAULT_DELTA + "; prompt@prompt")
+    try:
+        opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
+        for _ in range(2):
+            ant.loss([{"id": "a", "input": TEXTS[0], "target": "很好"}], "generate").backward()
+            opt.step()
+            opt.zero_grad()
+        delta = dict(handle.named_parameters())["prompt.prompt.delta"].detach()
+        P = ant.model.config.prompt_length
+        assert (delta.abs().sum(1) > 0).nonzero().flatten().tolist() == list(range(P, 2 * P))   # task id 1
+    finally:
+        handle.detach()
+
+
 def test_cpmant_default_delta_is_cpm_lives_lora_count_on_10b():
     from deltakit.backbones import cpmant
     model = cpmant.build("cpm-ant-10b", device="meta")
@@ -242,11 +259,19 @@ def test_schedules():
 
 
 def test_batches_cover_each_epoch_once_in_a_seeded_order():
-    epoch = sum((tr.batch_indices(10, 4, 0, s) for s in range(3)), [])
-    assert sorted(epoch) == list(range(10)) and tr.batch_indices(10, 4, 0, 1) == tr.batch_indices(10, 4, 0, 1)
-    assert sorted(sum((tr.batch_indices(10, 4, 0, s) for s in range(3, 6)), [])) == list(range(10))
-    assert epoch != sum((tr.batch_indices(10, 4, 0, s) for s in range(3, 6)), [])
-    assert tr.batch_indices(10, 4, 1, 0) != tr.batch_indices(10, 4, 0, 0)
+    plain = tr.Batches(10, 4, 0)
+    epoch = sum((plain(s) for s in range(3)), [])
+    assert sorted(epoch) == list(range(10)) and plain(1) == tr.Batches(10, 4, 0)(1)
+    assert sorted(sum((plain(s) for s in range(3, 6)), [])) == list(range(10))
+    assert epoch != sum((plain(s) for s in range(3, 6)), []) and tr.Batches(10, 4, 1)(0) != plain(0)
+    lengths = np.random.default_rng(0).integers(1, 200, 1000)
+    bucketed = tr.Batches(1000, 10, 0, lengths)
+    batches = [bucketed(s) for s in range(100)]
+    assert sorted(sum(batches, [])) == list(range(1000)) and [bucketed(s) for s in (7, 3)] == [batches[7], batches[3]]
+    shuffled = tr.Batches(1000, 10, 0)
+    spread = lambda bs: np.mean([np.ptp(lengths[b]) for b in bs])   # noqa: E731
+    assert spread(batches) < 0.2 * spread([shuffled(s) for s in range(100)])   # similar lengths share a batch
+    assert tr.input_lengths([{"input": "今天"}, {"input": "abc"}]).tolist() == [2, 3]
 
 
 ROWS = [{"id": str(i), "input": t, "target": t[:2]} for i, t in enumerate(TEXTS * 3)]

@@ -150,6 +150,17 @@ def test_delta_from_a_structure_spec_file_and_bad_specs(world, tmp_path, capsys)
     assert "unknown CUGE dataset 'nope'" in capsys.readouterr().err
 
 
+def test_missing_packages_are_named_before_any_work(world, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("wandb", "sacrebleu")
+                        else real(name, *a))
+    out = tmp_path / "out"
+    assert run.main(cli(world["cpmant"], world["data"], out, "ccpm", "--wandb")) == 2
+    assert "needs sacrebleu, wandb: pip install sacrebleu wandb" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def _cli(world, out, *extra):
     return [sys.executable, "-m", "benchmarks.cuge.run", "--task", "lcsts", "--model", str(world["cpmant"]),
             "--data-dir", str(world["data"]), "--output-dir", str(out), "--max-steps", "12", "--batch-size", "2",

@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict, replace
@@ -57,6 +58,14 @@ def require(*needs: str):
                         f"(or pip install deltakit[cuge,cpm,wandb])")
 
 
+def model_path(text: str) -> str:
+    """--model: a path, or `e5-small` for deltakit's offline multilingual-e5-small (deltakit.assets)."""
+    if text == "e5-small" and not Path(text).exists():
+        from deltakit.assets import e5_small_path
+        return str(e5_small_path())
+    return text
+
+
 def read_delta(text: str | None) -> str | None:
     """--delta: a spec, a file holding one (structure.spec), or a folder with structure.spec in it."""
     if text is None:
@@ -83,12 +92,16 @@ def labelled(rows, kind: str) -> bool:
 
 
 def predict(recipe, rows, kind: str, batch_size: int, desc: str, progress: bool) -> list:
+    """One prediction per row, in row order; batches are formed by input length (less padding)."""
     from tqdm.auto import tqdm
-    from .train import chunks
-    out = []
-    total = -(-len(rows) // batch_size)
-    for batch in tqdm(chunks(rows, batch_size), total=total, desc=desc, disable=not progress, file=sys.stderr):
-        out += recipe.predict(batch, kind)
+    from .train import take
+    lengths = rows["input"] if hasattr(rows, "column_names") else [r["input"] for r in rows]
+    order = sorted(range(len(lengths)), key=lambda i: len(lengths[i]))
+    out = [None] * len(order)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, file=sys.stderr):
+        idx = order[start:start + batch_size]
+        for i, p in zip(idx, recipe.predict(take(rows, idx), kind)):
+            out[i] = p
     return out
 
 
@@ -96,71 +109,85 @@ def _jsonable(p):
     return p.tolist() if torch.is_tensor(p) else p
 
 
+def device_of(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(text)
+
+
+def hparams(args, recipe, ds):
+    """The recipe's defaults for `ds`, overridden by the command line (--patience 0: never stop)."""
+    hp = recipe.hparams(ds).but(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
+                                eval_every=args.eval_every, max_len=args.max_len, max_new=args.max_new,
+                                warmup=args.warmup, schedule=args.schedule)
+    return replace(hp, patience=None) if args.patience == 0 else hp
+
+
+def train_config(args, hp, n_train: int):
+    from .train import TrainConfig
+    steps = args.max_steps or max(1, round(hp.epochs * -(-n_train // hp.batch_size)))
+    every = min(hp.eval_every, steps)
+    return TrainConfig(lr=hp.lr, batch_size=hp.batch_size, max_steps=steps, eval_every=every,
+                       save_every=args.save_every or every, patience=hp.patience, select=args.select,
+                       schedule=hp.schedule, warmup=min(hp.warmup, steps), weight_decay=hp.weight_decay,
+                       clip=hp.clip, seed=args.seed, eval_batch_size=args.eval_batch_size, step_sleep=args.step_sleep)
+
+
 def run_one(args, name: str, out: Path) -> dict:
     """Train, select, predict and score one dataset into `out`; returns its metrics.json."""
     import deltakit
     from . import data, metrics, recipes, submit
-    from .train import TrainConfig, plot, train
+    from .train import plot, train
 
     ds = registry.get(name)
     t0 = time.perf_counter()
-    train_kind, kind = ds.kind_of("train"), ds.kind
     splits = {split: data.load(ds.name, args.data_dir, split, max_n=limit)      # every file checked first
               for split, limit in (("train", args.max_train), ("dev", args.max_dev), ("test", args.max_test))}
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    torch.manual_seed(args.seed)
+    device = device_of(args.device)
+    torch.manual_seed(args.seed)                     # a new head (encoders) is drawn from it
     recipe = recipes.load(args.model, ds, splits["train"], device, kind=args.recipe, seed=args.seed)
-    hp = recipe.hparams(ds).but(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-                                eval_every=args.eval_every, max_len=args.max_len, max_new=args.max_new)
-    if args.patience == 0:
-        hp = replace(hp, patience=None)
+    hp = hparams(args, recipe, ds)
     recipe.setup(ds, hp, splits["train"])
     spec = read_delta(args.delta) or recipe.default_delta
-    torch.manual_seed(args.seed)                     # delta initialisation
+    torch.manual_seed(args.seed)                     # the deltas' initialisation
     handle = deltakit.attach(recipe.model, spec)
-    per_epoch = -(-len(splits["train"]) // hp.batch_size)
-    steps = args.max_steps or max(1, round(hp.epochs * per_epoch))
-    cfg = TrainConfig(lr=hp.lr, batch_size=hp.batch_size, max_steps=steps, eval_every=min(hp.eval_every, steps),
-                      save_every=args.save_every or min(hp.eval_every, steps), patience=hp.patience,
-                      select=args.select, schedule=hp.schedule, warmup=min(hp.warmup, steps),
-                      weight_decay=hp.weight_decay, clip=hp.clip, seed=args.seed,
-                      eval_batch_size=args.eval_batch_size, step_sleep=args.step_sleep)
+    cfg = train_config(args, hp, len(splits["train"]))
     fingerprint = {"dataset": ds.name, "model": str(Path(args.model).resolve()), "recipe": recipe.name,
                    "delta": spec, "data_dir": str(Path(args.data_dir).resolve()),
                    "rows": {s: len(r) for s, r in splits.items()}, "hparams": asdict(hp)}
     eval_bs = args.eval_batch_size or hp.batch_size
-    dev_metric = None
-    if args.select == "metric":
-        def dev_metric():
-            preds = predict(recipe, splits["dev"], kind, eval_bs, "dev", False)
-            return metrics.score(ds.name, preds, splits["dev"])[ds.score_metric]
-    dev_kind = ds.kind_of("dev")
-    result = train(handle, lambda rows: recipe.loss(rows, train_kind), splits["train"], splits["dev"], cfg, out,
-                   fingerprint, dev_metric=dev_metric, dev_loss_fn=lambda rows: recipe.loss(rows, dev_kind),
-                   wandb=args.wandb, progress=args.progress, fresh=args.fresh)
-    train_s = result.seconds
+
+    def dev_metric():                                # --select metric: the dataset's CUGE score on dev
+        preds = predict(recipe, splits["dev"], ds.kind, eval_bs, "dev", False)
+        return metrics.score(ds.name, preds, splits["dev"])[ds.score_metric]
+
+    result = train(handle, lambda rows: recipe.loss(rows, ds.kind_of("train")), splits["train"], splits["dev"],
+                   cfg, out, fingerprint, dev_metric=dev_metric if args.select == "metric" else None,
+                   dev_loss_fn=lambda rows: recipe.loss(rows, ds.kind_of("dev")), wandb=args.wandb,
+                   progress=args.progress, fresh=args.fresh)
     handle.save(out / "deltas")
     write_json(out / "train.json", {**asdict(result), "config": asdict(cfg)})
     plot(result, out / "loss.png", f"{ds.title}: {recipe.name} [{spec}]")
 
-    preds = {s: predict(recipe, splits[s], kind, eval_bs, f"predict {s}", args.progress) for s in ("dev", "test")}
+    preds = {s: predict(recipe, splits[s], ds.kind, eval_bs, f"predict {s}", args.progress) for s in ("dev", "test")}
     for s, p in preds.items():
         write_text(out / "predictions" / f"{s}.jsonl", "".join(
             json.dumps({"id": i, "prediction": _jsonable(x)}, ensure_ascii=False) + "\n"
             for i, x in zip(splits[s]["id"], p)))
     dev_scores = metrics.score(ds.name, preds["dev"], splits["dev"])
-    test_scores = metrics.score(ds.name, preds["test"], splits["test"]) if labelled(splits["test"], kind) else None
+    test_scores = (metrics.score(ds.name, preds["test"], splits["test"]) if labelled(splits["test"], ds.kind)
+                   else None)
     submission = submit.write(ds.name, splits["test"], preds["test"], out / "submission")
     report = {
-        "model": str(args.model), "delta": spec, "dataset": ds.name,
+        "model": args.model_name, "delta": spec, "dataset": ds.name,
         "split": "test" if test_scores else "dev", "scores": test_scores or dev_scores,
         "dev_scores": dev_scores, "test_scores": test_scores, "recipe": recipe.name,
         "trainable": handle.num_trainable, "submission": str(submission),
         "train": {"steps": result.steps, "best_step": result.best_step, "best": result.best,
                   "select": cfg.select, "stopped_early": result.stopped_early, "resumed_from": result.resumed_from},
         "hparams": asdict(hp), "rows": {s: len(r) for s, r in splits.items()}, "device": str(device),
-        "seconds": {"train": train_s, "total": round(time.perf_counter() - t0, 1)},
+        "seconds": {"train": result.seconds, "total": round(time.perf_counter() - t0, 1)},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     write_json(out / "metrics.json", report)
     handle.detach()
@@ -172,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help="a dataset (ccpm, c3, sogou_log, ...), a comma-separated list, "
                                                  "'lite' (the 7 lite datasets) or 'all'")
-    p.add_argument("--model", required=True, help="CPM-Ant .pt, CPM-2 Megatron folder or Hugging Face folder")
+    p.add_argument("--model", required=True, help="CPM-Ant .pt, CPM-2 Megatron folder or Hugging Face folder "
+                                                  "(e5-small: deltakit's offline multilingual-e5-small)")
     p.add_argument("--data-dir", required=True, help="DIR with DIR/<dataset>/ (see benchmarks/cuge/data.py)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--delta", help="deltakit spec, or a structure.spec file (default: the recipe's)")
@@ -189,6 +217,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=("dev_loss", "metric"), default="dev_loss",
                    help="keep the deltas of the best dev loss (CPM-Live) or of the best dev score")
     p.add_argument("--lr", type=float)
+    p.add_argument("--schedule", choices=("noam", "constant", "linear"), help="learning-rate schedule")
+    p.add_argument("--warmup", type=int, help="warm-up steps")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--max-len", type=int, help="tokens the model reads")
@@ -204,6 +234,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    args.model_name, args.model = args.model, model_path(args.model)
     if not args.progress:
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"   # read when datasets is first imported
         if "datasets" in sys.modules:

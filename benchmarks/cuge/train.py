@@ -3,8 +3,9 @@ early-stopping patience, atomic checkpoints, and resumption to the very same del
 
     result = train.train(handle, loss, train_rows, dev_rows, TrainConfig(...), out_dir, fingerprint)
 
-* Batches: step s of an epoch reads rows perm[s*B:(s+1)*B] of a permutation drawn from (seed, epoch),
-  so the data position is the step number alone; the dropout RNG is reseeded from (seed, step).
+* Batches: the rows of step s follow from (seed, s) alone (`Batches`: a permutation per epoch, rows of
+  similar length batched together), so the data position is the step number; the dropout RNG is
+  reseeded from (seed, step).
 * Learning rate: "noam" is CPM-Live's bmtrain Noam (lr / sqrt(w) * t / w while t <= w, then
   lr / sqrt(t), counted from t = 1), "constant" CPM-2-Finetune's, "linear" warm-up then linear decay.
 * Every `eval_every` steps (and at the end) the dev loss is computed; `select="metric"` also scores
@@ -56,6 +57,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     eval_batch_size: int | None = None
+    bucket: bool = True              # batch rows of similar length together (shuffled batch order)
     step_sleep: float = 0.0          # testing hook: seconds to sleep after each step (to kill a run mid-way)
 
     def __post_init__(self):
@@ -101,12 +103,44 @@ def _seed(*parts) -> int:
     return h
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Rows of optimizer step `step`: a slice of the epoch's permutation (the last batch may be short)."""
-    per_epoch = math.ceil(n / batch_size)
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng(_seed(seed, epoch, 17)).permutation(n)
-    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+class Batches:
+    """The rows of each optimizer step, a function of (seed, step) alone: each epoch is a seeded
+    permutation; with `lengths`, rows of similar length share a batch (sorted inside windows of
+    WINDOW batches, then the batch order is shuffled), so little of a batch is padding."""
+    WINDOW = 50
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths=None):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        self.per_epoch = math.ceil(n / batch_size)
+        self._epoch, self._batches = None, None
+
+    def _make(self, epoch: int) -> list:
+        rng = np.random.default_rng(_seed(self.seed, epoch, 17))
+        perm = rng.permutation(self.n)
+        if self.lengths is None:
+            return [perm[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        size = self.WINDOW * self.batch_size
+        batches = []
+        for w in range(0, self.n, size):
+            window = perm[w:w + size]
+            window = window[np.argsort(self.lengths[window], kind="stable")]
+            batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._make(epoch)
+        return self._batches[k].tolist()
+
+
+def input_lengths(rows) -> np.ndarray:
+    """Characters of each row's input, read from the Arrow column (no Python strings for a big split)."""
+    if isinstance(rows, list):
+        return np.array([len(r["input"]) for r in rows])
+    import pyarrow.compute as pc
+    return pc.utf8_length(rows.with_format("arrow")["input"]).to_numpy(zero_copy_only=False)
 
 
 def take(rows, idx: list[int]) -> list[dict]:
@@ -279,9 +313,10 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
     logger = _Logger(wandb, out, fingerprint, out.name)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {out.name}", disable=not progress, file=sys.stderr)
+    batches = Batches(len(train_rows), cfg.batch_size, cfg.seed, input_lengths(train_rows) if cfg.bucket else None)
     model.train()
     while step < cfg.max_steps and not stopped:
-        idx = batch_indices(len(train_rows), cfg.batch_size, cfg.seed, step)
+        idx = batches(step)
         torch.manual_seed(_seed(cfg.seed, step, 3))          # dropout masks depend on the step alone
         loss = loss_fn(take(train_rows, idx))
         loss.backward()

@@ -176,12 +176,8 @@ class CPMAntRecipe:
     def device(self):
         return next(self.model.parameters()).device
 
-    def _kind(self, kind):
-        check_kind(kind, KINDS, NAME)
-        return kind
-
     def loss(self, rows, kind: str) -> torch.Tensor:
-        kind = self._kind(kind)
+        check_kind(kind, KINDS, NAME)
         if kind == "choice":
             return choice_loss(choice_logits(self.model, self.tokenizer, rows, self.hp.max_len), rows)
         if kind == "rank":
@@ -213,7 +209,7 @@ class CPMAntRecipe:
 
     @torch.no_grad()
     def predict(self, rows, kind: str) -> list:
-        kind = self._kind(kind)
+        check_kind(kind, KINDS, NAME)
         if kind == "choice":
             scores = choice_logits(self.model, self.tokenizer, rows, self.hp.max_len)
             return scores.argmax(-1).tolist()
