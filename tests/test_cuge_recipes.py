@@ -186,7 +186,8 @@ def test_cpm2_generation_loss_is_per_sample_mean_over_sentinel_framed_targets(cp
 def test_cpm2_rank_is_the_relevant_logit_and_generation_drops_the_frame(cpm2):
     setup(cpm2, "sogou_log", max_len=64)
     tok = cpm2.tokenizer
-    row = {"id": "q", "input": "", "options": ["查询：天气标题：今天天气很好", "查询：天气标题：明月"], "relevance": [1.0, 0.0]}
+    row = {"id": "q", "input": "", "options": ["查询：天气标题：今天天气很好", "查询：天气标题：明月"],
+           "relevance": [1.0, 0.0]}
     with torch.no_grad():
         got = cpm2.predict([row], "rank")[0]
         for k, option in enumerate(row["options"]):   # SogouLogDataset: decoder [1, <s_0>], logit of token 相关

@@ -232,6 +232,56 @@ def dev_loss(loss_fn, rows, batch_size: int, model) -> float:
     return total / max(n, 1)
 
 
+@dataclass
+class _Progress:
+    """What a checkpoint holds besides tensors, and what the loop updates."""
+    step: int = 0
+    best: float | None = None      # best dev score so far (loss: lower is better; metric: higher)
+    best_step: int = 0
+    since: int = 0                 # evaluations since the best one
+    stopped: bool = False          # patience ran out
+    losses: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+
+
+def _save(path: Path, fingerprint: dict, names: dict, best_state: dict, opt, sched, progress: _Progress):
+    tensors = {f"delta.{n}": p for n, p in names.items()} | {f"best.{n}": t for n, t in best_state.items()}
+    opt_state = opt.state_dict()
+    for i, n in enumerate(names):
+        for k, v in opt_state["state"].get(i, {}).items():
+            tensors[f"opt.{n}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
+    rng_t, rng_j = _rng()
+    state = {"fingerprint": fingerprint, **asdict(progress), "rng": rng_j,
+             "optimizer": {"param_groups": opt_state["param_groups"]}, "scheduler": sched.state_dict()}
+    save_checkpoint(path, tensors | rng_t, state)
+
+
+def _restore(path: Path, fingerprint: dict, names: dict, best_state: dict, opt, sched) -> _Progress | None:
+    """Load the checkpoint at `path` into deltas, optimizer, scheduler and RNG; None when there is none."""
+    loaded = load_checkpoint(path)
+    if loaded is None:
+        return None
+    tensors, state = loaded
+    if state["fingerprint"] != fingerprint:
+        diff = sorted(k for k in set(state["fingerprint"]) | set(fingerprint)
+                      if state["fingerprint"].get(k) != fingerprint.get(k))
+        raise CugeError(f"{path} holds a run with other settings ({', '.join(diff)}); use another "
+                        f"--output-dir, or pass --fresh to start this one over")
+    with torch.no_grad():
+        for n, p in names.items():
+            p.copy_(tensors[f"delta.{n}"])
+            best_state[n] = tensors[f"best.{n}"].to(p.device, p.dtype)
+    opt_state = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+    for i, (n, p) in enumerate(names.items()):
+        st = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        if st:
+            opt_state["state"][i] = st
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(state["scheduler"])
+    _set_rng(tensors, state["rng"])
+    return _Progress(**{k: state[k] for k in _Progress.__dataclass_fields__})
+
+
 def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fingerprint: dict,
           dev_metric=None, dev_loss_fn=None, wandb: bool = False, progress: bool = True,
           fresh: bool = False) -> TrainResult:
@@ -243,98 +293,60 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
     if len(train_rows) == 0 or len(dev_rows) == 0:
         raise CugeError(f"nothing to train on: {len(train_rows)} training and {len(dev_rows)} dev rows")
     out = Path(out_dir)
-    path = out / CKPT
-    model = handle.model
+    path, model = out / CKPT, handle.model
     names = dict(handle.named_parameters())
     params = list(names.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.lr_factor(s))   # a plain function: not saved
-    fingerprint = {**fingerprint, "train": asdict(cfg) | {"step_sleep": None}, "deltas": list(names)}
-
-    step, best, best_step, since, stopped, losses, evals = 0, None, 0, 0, False, [], []
+    fingerprint = json.loads(json.dumps(   # as it reads back from the checkpoint's JSON
+        {**fingerprint, "train": asdict(cfg) | {"step_sleep": None}, "deltas": list(names)}))
     best_state = {n: p.detach().clone() for n, p in names.items()}
-    loaded = None if fresh else load_checkpoint(path)
-    resumed = None
-    if loaded is not None:
-        tensors, state = loaded
-        if state["fingerprint"] != json.loads(json.dumps(fingerprint)):
-            diff = sorted(k for k in set(state["fingerprint"]) | set(fingerprint)
-                          if state["fingerprint"].get(k) != json.loads(json.dumps(fingerprint)).get(k))
-            raise CugeError(f"{path} holds a run with other settings ({', '.join(diff)}); use another "
-                            f"--output-dir, or pass --fresh to start this one over")
-        with torch.no_grad():
-            for n, p in names.items():
-                p.copy_(tensors[f"delta.{n}"])
-                best_state[n] = tensors[f"best.{n}"].to(p.device, p.dtype)
-        opt_state = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
-        for i, n in enumerate(names):
-            st = {k.rsplit(".", 1)[1]: v.to(params[i].device) for k, v in tensors.items()
-                  if k.startswith(f"opt.{n}.")}
-            if st:
-                opt_state["state"][i] = st
-        opt.load_state_dict(opt_state)
-        sched.load_state_dict(state["scheduler"])
-        _set_rng(tensors, state["rng"])
-        step, best, best_step, since, stopped = (state["step"], state["best"], state["best_step"], state["since"],
-                                                  state["stopped"])
-        losses, evals, resumed = state["losses"], state["evals"], state["step"]
+    state = None if fresh else _restore(path, fingerprint, names, best_state, opt, sched)
+    resumed = state.step if state else None
+    state = state or _Progress()
 
-    def checkpoint():
-        tensors = {f"delta.{n}": p for n, p in names.items()}
-        tensors.update({f"best.{n}": t for n, t in best_state.items()})
-        for i, n in enumerate(names):
-            for k, v in opt.state_dict()["state"].get(i, {}).items():
-                tensors[f"opt.{n}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
-        rng_t, rng_j = _rng()
-        tensors.update(rng_t)
-        state = {"fingerprint": fingerprint, "step": step, "best": best, "best_step": best_step, "since": since,
-                 "stopped": stopped, "losses": losses, "evals": evals, "rng": rng_j,
-                 "optimizer": {"param_groups": opt.state_dict()["param_groups"]},
-                 "scheduler": sched.state_dict()}
-        save_checkpoint(path, tensors, state)
-
-    def evaluate():
-        nonlocal best, best_step, since, stopped
-        record = {"step": step, "dev_loss": dev_loss(dev_loss_fn or loss_fn, dev_rows, cfg.eval_batch_size or cfg.batch_size, model)}
+    def evaluate() -> dict:
+        record = {"step": state.step,
+                  "dev_loss": dev_loss(dev_loss_fn or loss_fn, dev_rows, cfg.eval_batch_size or cfg.batch_size, model)}
         if cfg.select == "metric":
             record["dev_metric"] = float(dev_metric())
         score = record["dev_metric"] if cfg.select == "metric" else record["dev_loss"]
-        better = best is None or (score > best if cfg.select == "metric" else score < best)
-        if better:
-            best, best_step, since = score, step, 0
+        if state.best is None or (score > state.best if cfg.select == "metric" else score < state.best):
+            state.best, state.best_step, state.since = score, state.step, 0
             best_state.update({n: p.detach().clone() for n, p in names.items()})
         else:
-            since += 1
-            stopped = cfg.patience is not None and since >= cfg.patience
-        evals.append(record)
-        logger.log({f"dev/{k}": v for k, v in record.items() if k != "step"}, step)
+            state.since += 1
+            state.stopped = cfg.patience is not None and state.since >= cfg.patience
+        state.evals.append(record)
+        logger.log({f"dev/{k}": v for k, v in record.items() if k != "step"}, state.step)
         return record
 
     logger = _Logger(wandb, out, fingerprint, out.name)
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {out.name}", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {out.name}", disable=not progress,
+               file=sys.stderr)
     batches = Batches(len(train_rows), cfg.batch_size, cfg.seed, input_lengths(train_rows) if cfg.bucket else None)
     model.train()
-    while step < cfg.max_steps and not stopped:
-        idx = batches(step)
-        torch.manual_seed(_seed(cfg.seed, step, 3))          # dropout masks depend on the step alone
+    while state.step < cfg.max_steps and not state.stopped:
+        idx = batches(state.step)
+        torch.manual_seed(_seed(cfg.seed, state.step, 3))          # dropout masks depend on the step alone
         loss = loss_fn(take(train_rows, idx))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(float(loss.item()))
-        logger.log({"train/loss": losses[-1], "train/lr": sched.get_last_lr()[0]}, step)
-        post = {"loss": f"{np.mean(losses[-20:]):.3f}"}
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        state.step += 1
+        state.losses.append(float(loss.item()))
+        logger.log({"train/loss": state.losses[-1], "train/lr": sched.get_last_lr()[0]}, state.step)
+        post = {"loss": f"{np.mean(state.losses[-20:]):.3f}"}
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
             record = evaluate()
             post["dev"] = f"{record.get('dev_metric', record['dev_loss']):.3f}"
         bar.update()
         bar.set_postfix(post)
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stopped:
-            checkpoint()
+        if state.step % cfg.save_every == 0 or state.step == cfg.max_steps or state.stopped:
+            _save(path, fingerprint, names, best_state, opt, sched, state)
         if cfg.step_sleep:
             time.sleep(cfg.step_sleep)
     bar.close()
@@ -343,7 +355,8 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
         for n, p in names.items():
             p.copy_(best_state[n])
     model.eval()
-    return TrainResult(step, best_step, best, stopped, losses, evals, resumed, round(time.perf_counter() - t0, 1))
+    return TrainResult(state.step, state.best_step, state.best, state.stopped, state.losses, state.evals, resumed,
+                       round(time.perf_counter() - t0, 1))
 
 
 def plot(result: TrainResult, path, title: str = ""):

@@ -63,7 +63,8 @@ def config_overrides(path: Path) -> dict:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CugeError(f"{p} is not valid JSON ({e}); a CPM-2 config holds d_model, d_ff, num_heads, ...") from None
+            raise CugeError(f"{p} is not valid JSON ({e}); a CPM-2 config holds d_model, d_ff, "
+                            "num_heads, ...") from None
         if isinstance(data, dict) and "d_model" in data:
             found.append((p, {k: data[k] for k in SHAPE_KEYS if k in data}))
     if len(found) > 1:
