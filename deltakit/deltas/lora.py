@@ -60,7 +60,7 @@ class LoRA(Delta):
                 x = self.dropout(x)
             t = x @ self.lora_A.t()
         t = t.reshape(-1, self.lora_A.shape[0])
-        return torch.addmm(out.reshape(-1, out.shape[-1]), t, self.lora_B.t() * self.scale).view(out.shape)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), t, self.lora_B.t(), alpha=self.scale).view(out.shape)
 
     def merge_delta(self):
         return {"weight": (self.lora_B @ self.lora_A) * self.scale}
