@@ -22,16 +22,15 @@ is refused.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 from ..errors import DeltakitError
+from .wordcut import greedy_ids, jieba_cut
 
 SPECIALS = ("<unk>", "<s>", "</s>", "<sep>", "<pad>", "<mask>", "<eod>")
 SENTINELS = 190                     # bpe_cn/add_special_token.py appends <s_0>..<s_189>
-MAX_WORD = 200                      # WordpieceTokenizer.max_input_chars_per_word
 _KEEP = set("，。！（）？、；：")     # Q2B leaves these full-width
 _TO_VOCAB = str.maketrans(" \n", "\u2582\u2583")
 
@@ -50,13 +49,7 @@ class CPM2Tokenizer:
         property(lambda self, t=t: self.encoder[t], doc=f"id of {t}") for t in SPECIALS)
 
     def __init__(self, vocab_file, sentinels: int = SENTINELS, hmm: bool = True):
-        try:
-            import jieba
-        except ImportError:
-            raise DeltakitError("the CPM-2 tokenizer needs jieba: pip install jieba "
-                                "(or pip install deltakit[cpm])") from None
-        jieba.setLogLevel(logging.WARNING)   # no "Building prefix dict" chatter on first cut
-        self._cut, self.hmm = jieba.cut, hmm
+        self._cut, self.hmm = jieba_cut("CPM-2"), hmm
         self.decoder = _load_vocab(Path(vocab_file), sentinels)
         self.encoder = {tok: i for i, tok in enumerate(self.decoder) if tok}
         self.sentinels = [self.encoder[f"<s_{i}>"] for i in range(sentinels)]
@@ -84,19 +77,7 @@ class CPM2Tokenizer:
         return self.sentinel_id(1)
 
     def _word_ids(self, word: str) -> list[int]:
-        if len(word) > MAX_WORD:
-            return [self.unk_id]
-        ids, start = [], 0
-        while start < len(word):
-            for end in range(min(len(word), start + self._longest), start, -1):   # longest first
-                if word[start:end] in self.encoder:
-                    ids.append(self.encoder[word[start:end]])
-                    start = end
-                    break
-            else:
-                ids.append(self.unk_id)
-                start += 1
-        return ids
+        return greedy_ids(word, self.encoder, self._longest, self.unk_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; no <s>, </s> or sentinel is added."""

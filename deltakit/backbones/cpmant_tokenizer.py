@@ -14,16 +14,15 @@ the ids are the same.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 from ..errors import DeltakitError
+from .wordcut import greedy_ids, jieba_cut
 
 SPECIALS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<d>", "</d>")
 _TEXT = {"</_>": " ", "</n>": "\n"}   # vocab spelling -> the character jieba yields
-MAX_WORD = 200                        # CPM-Live's max_input_chars_per_word
 
 
 def _special(token: str) -> property:
@@ -36,13 +35,7 @@ class CPMAntTokenizer:
     newline_id, space_id = map(_special, ("</n>", "</_>"))
 
     def __init__(self, vocab_file, hmm: bool = True):
-        try:
-            import jieba
-        except ImportError:
-            raise DeltakitError("the CPM-Ant tokenizer needs jieba: pip install jieba "
-                                "(or pip install deltakit[cpm])") from None
-        jieba.setLogLevel(logging.WARNING)   # no "Building prefix dict" chatter on first cut
-        self._cut, self.hmm = jieba.cut, hmm
+        self._cut, self.hmm = jieba_cut("CPM-Ant"), hmm
         self.decoder = _load_vocab(Path(vocab_file))
         self.encoder = {tok: i for i, tok in enumerate(self.decoder)}
         # what the greedy match looks up: jieba's ' ' and '\n' stand for </_> and </n>
@@ -57,19 +50,7 @@ class CPMAntTokenizer:
         return len(self.decoder)
 
     def _word_ids(self, word: str) -> list[int]:
-        if len(word) > MAX_WORD:
-            return [self.unk_id]
-        ids, start = [], 0
-        while start < len(word):
-            for end in range(min(len(word), start + self._longest), start, -1):   # longest first
-                if word[start:end] in self._match:
-                    ids.append(self._match[word[start:end]])
-                    start = end
-                    break
-            else:
-                ids.append(self.unk_id)
-                start += 1
-        return ids
+        return greedy_ids(word, self._match, self._longest, self.unk_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without <s> or </s>."""
