@@ -235,8 +235,8 @@ def test_a_rank_that_stops_answering_ends_the_run_after_the_timeout(tmp_path):
 
 def documented_script(tmp_path):
     from pathlib import Path
-    text = (Path(__file__).parent.parent / "docs-distributed.md").read_text(encoding="utf-8")
-    section = text.split("### A training script", 1)[1]
+    text = (Path(__file__).parent.parent / "docs" / "distributed.md").read_text(encoding="utf-8")
+    section = text.split("## A training script", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "train.py"
     path.write_text(code, encoding="utf-8")
