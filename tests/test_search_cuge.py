@@ -51,7 +51,7 @@ def test_ccpm_search_then_the_cuge_run_trains_exactly_its_structure(world, tmp_p
     out = tmp_path / "search"
     argv = ["--task", "cuge:ccpm", "--data-dir", str(world["data"]), "--model", str(world["cpmant"]),
             "--output-dir", str(out), "--budget", "2%", "--n-train", "none", "--batch-size", "4", "--search-steps",
-            "6", "--retrain-evals", "1", "--lr-weights", "3e-3", "--retrain-lr", "1e-2", "--progress", "false"]
+            "6", "--retrain-epochs", "4", "--retrain-evals", "2", "--lr-weights", "3e-3", "--retrain-lr", "1e-2", "--progress", "false"]
     assert main(argv) == 0                                        # python -m search.s3pet ...
     summary = json.loads(capsys.readouterr().out)
     spec = (out / "structure.spec").read_text(encoding="utf-8").strip()
@@ -68,7 +68,8 @@ def test_ccpm_search_then_the_cuge_run_trains_exactly_its_structure(world, tmp_p
     recipe.model.eval()
     with torch.no_grad():
         preds = choice_logits(recipe.model, recipe.tokenizer, rows, 256).argmax(-1).tolist()
-    assert summary["test"]["accuracy"] == pytest.approx(sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows))
+    accuracy = sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows)
+    assert summary["test"]["accuracy"] == pytest.approx(accuracy) and accuracy > 0.5   # learnt: chance is 1/4
     structure = {e.key: e.num_params for e in searched.entries}
     assert sum(structure.values()) == m["cost"]
     searched.detach()
