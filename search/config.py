@@ -26,7 +26,8 @@ class Config:
     n_train: int | None = 1600      # training examples (halved during the search); None: all
     n_dev: int = 200
     n_test: int = 500
-    max_length: int | None = None   # tokens a row is cut to; None: 40 for text tasks, the CUGE recipe's per dataset
+    max_length: int | None = None   # tokens a row is cut to; None: 40 for text tasks, the CUGE recipe's max_len
+                                    # per dataset for cuge: (on CPM-Ant its 32 prompt positions included)
     batch_size: int = 16
     search_epochs: float = 3.0      # over each half; after 1 the supernet is barely trained (benchmarks/RESULTS.md)
     search_steps: int | None = None  # overrides search_epochs

@@ -37,7 +37,8 @@ def world(tmp_path_factory):
     fx.write_cpmant("ccpm", ant, {"train": 8, "dev": 8, "test": 4})
     chars = tiny.chars_of(data, ant)
     return {"data": data, "ant": ant, "cpmant": tiny.make_cpmant(root / "model", chars),
-            "encoder": tiny.make_encoder(root / "enc", chars)}
+            "encoder": tiny.make_encoder(root / "enc", chars), "gpt2": tiny.make_gpt2(root / "gpt2", chars),
+            "cpm2": tiny.make_cpm2(root / "cpm2", chars)}
 
 
 def _fresh_cpmant(ckpt: Path):
@@ -121,6 +122,21 @@ def test_an_encoder_searches_with_the_recipe_s_multiple_choice_head(world, tmp_p
                           "--batch-size", "4", "--eval-every", "2", "--no-progress"]) == 0
     ran = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
     assert ran["delta"] == r.spec and ran["trainable"] == r.cost + m["fixed_params"]
+
+
+@pytest.mark.parametrize("model, recipe", [("gpt2", "hf-causal"), ("cpm2", "cpm-2")])
+def test_language_models_search_through_their_recipes(world, tmp_path, model, recipe):
+    """A causal LM and CPM-2 (fake Megatron shards) read choice rows as their CUGE recipes do: no
+    head, and the runner trains the searched structure, parameter for parameter."""
+    from benchmarks.cuge import run as cuge_run
+    r = run(Config(**{**SEARCH, "search_steps": 4}, model=str(world[model]), task="cuge:ccpm", max_length=96,
+                   data_dir=str(world["ant"]), output_dir=str(tmp_path / "search")))
+    assert r.fixed_spec is None and 0 < r.cost <= r.budget.params and 0 <= r.test["accuracy"] <= 1
+    assert cuge_run.main(["--task", "ccpm", "--model", str(world[model]), "--data-dir", str(world["ant"]),
+                          "--delta", str(tmp_path / "search"), "--output-dir", str(tmp_path / "run"), "--max-steps",
+                          "2", "--batch-size", "4", "--eval-every", "2", "--max-len", "96", "--no-progress"]) == 0
+    ran = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    assert ran["recipe"] == recipe and ran["delta"] == r.spec and ran["trainable"] == r.cost
 
 
 def test_splits_follow_the_files(world):
