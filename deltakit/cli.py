@@ -6,7 +6,7 @@ without its weights.
     deltakit plan cpm-ant-10b "lora(r=8,alpha=16)@attn.q,attn.v"
     deltakit show path/to/hf-folder "adapter(dim=16)@ffn" --depth 4
 
-MODEL is a native CPM name (`deltakit positions --help` lists them), a Hugging Face folder (its
+MODEL is a native CPM name (`deltakit --help` lists them), a Hugging Face folder (its
 config.json is enough), a CPM-Live CPM-Ant config JSON or checkpoint (.pt/.bin/.safetensors, with
 its config JSON beside it or named after a known size), or a CPM-2 / CPM-1 Megatron checkpoint
 folder. SPEC is a spec string or a file holding one (the structure.spec a search writes). A bad
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -132,31 +133,44 @@ def _cpmant_checkpoint(ckpt: Path) -> torch.nn.Module:
     return model
 
 
+MEGATRON_EMBEDDINGS = {"word_embeds.weight": "cpm2", "word_embeddings.weight": "cpm1"}   # which CPM a folder is
+
+
 def _megatron(folder: Path) -> torch.nn.Module:
-    """A CPM-2 or CPM-1 Megatron folder, read lazily (memory-mapped; only shapes are looked at):
-    the published 11B / 2.6B shape with the vocabulary the checkpoint has."""
+    """A CPM-2 or CPM-1 Megatron folder as `load_cpm2` / `load_cpm1` read it (the published 11B / 2.6B
+    shape, the checkpoint's vocabulary), built on meta. The shards are memory-mapped and only their
+    shapes are read: merged and converted on the meta device, every tensor is checked against the model."""
     from .backbones import cpm1, cpm2, megatron
-    shards = megatron.load_shards(folder)
-    keys = shards[0]
-    if "word_embeds.weight" in keys:
-        backbone, embed, norm, layer = cpm2, "word_embeds.weight", "encoder.final_layernorm.weight", r"encoder\.blocks\.(\d+)\."
-        shape = {"hidden": cpm2.SHAPE_11B["d_model"], "layers": cpm2.SHAPE_11B["num_layers"]}
-    elif "word_embeddings.weight" in keys:
-        backbone, embed, norm, layer = cpm1, "word_embeddings.weight", "transformer.final_layernorm.weight", r"transformer\.layers\.(\d+)\."
-        shape = {"hidden": cpm1.SHAPE_2_6B["n_embd"], "layers": cpm1.SHAPE_2_6B["n_layer"]}
-    else:
-        raise CheckpointError(f"{folder} is a Megatron checkpoint of neither CPM-2 (word_embeds) nor CPM-1 "
-                              f"(word_embeddings); its first keys: {', '.join(list(keys)[:5])}")
-    found = {"hidden": keys[norm].shape[0] if norm in keys else None,
-             "layers": len({m.group(1) for k in keys if (m := re.match(layer, k))})}
-    if found != shape:
-        raise CheckpointError(f"{folder} has hidden size {found['hidden']} and {found['layers']} layers; the command "
-                              f"plans the published shape ({shape['hidden']}, {shape['layers']} layers): for another "
-                              f"shape, convert it to a Hugging Face folder and give that")
-    vocab = sum(s[embed].shape[0] for s in shards)
     _transformers()
-    cfg = cpm2.config_11b(vocab) if backbone is cpm2 else cpm1.config_2_6b(vocab_size=vocab)
-    return backbone.build(cfg, "meta")
+    shards = megatron.load_shards(folder)
+    kind = next((MEGATRON_EMBEDDINGS[k] for k in MEGATRON_EMBEDDINGS if k in shards[0]), None)
+    if kind is None:
+        raise CheckpointError(f"{folder} is a Megatron checkpoint of neither CPM-2 nor CPM-1: it has none of "
+                              f"{', '.join(MEGATRON_EMBEDDINGS)} (its first keys: {', '.join(list(shards[0])[:4])})")
+    backbone = cpm2 if kind == "cpm2" else cpm1
+    merged = {}
+    for key, t in shards[0].items():
+        if kind == "cpm2" and key != "word_embeds.weight" and key.endswith("word_embeds.weight"):
+            continue   # the shared embedding registered again per stack; converting compares it by value
+        split = megatron.rule_for(key, backbone.MERGE_RULES)
+        shape = list(t.shape)
+        if split.dim is not None:
+            shape[split.dim] *= len(shards)
+        merged[key] = torch.empty(shape, device="meta")
+    vocab = merged["word_embeds.weight" if kind == "cpm2" else "word_embeddings.weight"].shape[0]
+    cfg = cpm2.config_11b(vocab) if kind == "cpm2" else cpm1.config_2_6b(vocab_size=vocab)
+    model = backbone.build(cfg, "meta")
+    have = {k: tuple(v.shape) for k, v in backbone.convert_state_dict(merged, cfg).items()}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", ()))
+    bad = sorted((set(have) ^ set(want)) - tied) + [k for k in have if k in want and have[k] != want[k]]
+    if bad:
+        size = "CPM-2 11B" if kind == "cpm2" else "CPM-1 2.6B"
+        raise CheckpointError(f"{folder} does not have the published {size} shape it is read as: {len(bad)} tensors "
+                              f"differ, e.g. {', '.join(f'{k} {have.get(k)} != {want.get(k)}' for k in bad[:2])}; "
+                              f"convert it to a Hugging Face folder (load_{kind}(path, config).save_pretrained) "
+                              f"and give that")
+    return model
 
 
 def build_model(text: str, model_class: str | None = None) -> torch.nn.Module:
@@ -285,9 +299,13 @@ def _model_args(p: argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     names = sorted({*native_names()} - set(ALIASES)) + [f"{a} (= {t})" for a, t in ALIASES.items()]
-    p = argparse.ArgumentParser(prog="deltakit", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="deltakit", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="A model's positions, what a spec would add to it, and its tree, built "
+                                            "from its config\non the meta device (no weights are read).\n\n"
+                                            + __doc__.split("\n\n")[2],
                                 epilog=f"native CPM names: {', '.join(names)}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, epilog=p.epilog)   # each command's --help names them too
     pos = sub.add_parser("positions", help="the canonical positions of MODEL, folded over layers",
                          description="The canonical positions of MODEL (what spec patterns name), folded over layers.")
     _model_args(pos)
@@ -323,6 +341,7 @@ def run(args) -> None:
         print(_plan_json(planned)) if args.json else _print(table)
     else:
         from . import attach, show
+        model.requires_grad_(False)   # the backbone as deltakit tunes it: frozen, with or without deltas
         if args.spec:
             attach(model, read_spec(args.spec))
         show(model, max_depth=args.depth)
