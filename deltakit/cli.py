@@ -338,7 +338,10 @@ def run(args) -> None:
         _print(positions_table(model, args.all))
     elif args.command == "plan":
         table, planned = plan_table(model, read_spec(args.spec))
-        print(_plan_json(planned)) if args.json else _print(table)
+        if args.json:
+            print(_plan_json(planned))
+        else:
+            _print(table)
     else:
         from . import attach, show
         model.requires_grad_(False)   # the backbone as deltakit tunes it: frozen, with or without deltas
