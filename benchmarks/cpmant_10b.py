@@ -127,7 +127,7 @@ def measure(model, batch_size: int, args, device) -> dict:
     return result
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="cpm-ant-10b")
     ap.add_argument("--device", default="cuda")
@@ -139,6 +139,11 @@ def main(argv=None):
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     ap.add_argument("--libs", default="deltakit,peft", help=f"peft and/or {', '.join(DELTAKIT)}")
     ap.add_argument("--out")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"

@@ -228,7 +228,7 @@ def plot(results: dict, path: Path):
     plt.close(fig)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="mid", help="mid (177 M), tiny, or a CPM-Ant config name or JSON")
     ap.add_argument("--worlds", default="1,2", help="numbers of ranks to shard over")
@@ -242,6 +242,11 @@ def main(argv=None):
     ap.add_argument("--worker", choices=["plain", "fsdp"], help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
     ap.add_argument("--report", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)

@@ -120,10 +120,15 @@ def run(cfg: Config) -> dict:
     return result
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field, value in asdict(Config()).items():
         p.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
+    return p
+
+
+def main(argv=None):
+    p = parser()
     cfg = Config(**vars(p.parse_args(argv)))
     try:
         result = run(cfg)

@@ -18,13 +18,18 @@ import torch
 import torch.nn.functional as F
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     N, H, r, s = args.tokens, args.width, args.r, 2.0

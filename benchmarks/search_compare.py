@@ -343,7 +343,7 @@ def plot(summary: dict, path: Path):
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", default="0.01%,0.001%")
     p.add_argument("--seeds", default="0,1,2")
@@ -356,6 +356,11 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     for name, kind in PASS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help="search.s3pet.Config field")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     with extras.one_line_warnings():
         try:

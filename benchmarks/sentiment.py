@@ -134,12 +134,17 @@ def plot_losses(losses, path, title=""):
     fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Config()
     for field, value in asdict(defaults).items():
         kind = type(value) if value is not None else str
         p.add_argument("--" + field.replace("_", "-"), type=kind, default=value)
+    return p
+
+
+def main(argv=None):
+    p = parser()
     cfg = Config(**vars(p.parse_args(argv)))
     with extras.one_line_warnings():
         try:

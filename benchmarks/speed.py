@@ -330,7 +330,7 @@ def summarize(results) -> list[tuple]:
     return rows
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", nargs="+", choices=list(BUILD), default=list(BUILD))
@@ -346,6 +346,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's; --quick: 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write all raw times and statistics to this JSON file")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     # Tiny ops on 2 threads cost a scheduler slice each when another process holds a core: a smoke
     # run on a busy CI machine would take minutes. Real runs keep torch's default.

@@ -140,12 +140,17 @@ def write_baseline_runs(data_dir, runs_dir, split: str = "test") -> list[Path]:
     return out
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cuge.pku", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="data folder: OUT/pku_seg and OUT/pku_segpos are written")
     ap.add_argument("--paragraphs", type=int, help="only this many paragraphs (a small split)")
     ap.add_argument("--baseline", action="store_true", help="also score jieba on the test split")
     ap.add_argument("--runs", help="write jieba's scores as run folders here (for benchmarks.cuge.score)")
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
     manifest = build_split(args.out, args.paragraphs)
     print(json.dumps(manifest["sizes"], indent=1))

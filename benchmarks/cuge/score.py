@@ -267,11 +267,16 @@ def _default_out(first: Path) -> Path:
     return first.parent if (first / "metrics.json").is_file() else first
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cuge.score", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run folders (with metrics.json) or parent folders of them")
     ap.add_argument("--out", help="where leaderboard.{md,json,png} go (default: the first run folder's parent, "
                                   "or the first folder when it is a parent of runs)")
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = parser()
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else _default_out(Path(args.runs[0]))
     board = leaderboard(args.runs, out)
