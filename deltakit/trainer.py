@@ -88,6 +88,11 @@ class DeltaTrainer(Trainer):
     """transformers.Trainer whose checkpoints hold the deltas (and user-unfrozen backbone
     parameters) only, in deltakit's files; resuming and load_best_model_at_end read them back."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.model is not None:   # a model without deltas would save nothing: say so before training
+            _folders(self.accelerator.unwrap_model(self.model), self.args.output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:

@@ -130,6 +130,12 @@ def test_load_best_model_at_end_restores_the_best_step(tmp_path):
         assert torch.equal(now[k], saved[best][k]), k
 
 
+def test_a_model_without_deltas_is_refused(tmp_path):
+    from deltakit.errors import HandleError
+    with pytest.raises(HandleError, match="attach"):
+        DeltaTrainer(model=tm.make("xlmr"), args=args(tmp_path), train_dataset=Rows(16, 1))
+
+
 def test_resume_with_another_spec_is_refused(tmp_path):
     model, _ = setup("full")
     DeltaTrainer(model=model, args=args(tmp_path, max_steps=3), train_dataset=Rows(16, 1)).train()
