@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import checkpoint, joins, peft_export, report
+from . import checkpoint, joins, peft_export, peft_import, report
 from .deltas import Delta
 from .distributed.tensors import copy_into, full_tensor, refuse_if_sharded, reshard
 from .errors import CheckpointError, HandleError, listing
@@ -127,18 +128,27 @@ def attach(model: nn.Module, spec: str, name: str = "default", *, freeze: bool =
 
 def load(model, path, name: str | None = None) -> "Handle":
     """Attach the deltas saved at `path` (by `Handle.save`) to `model` and load their weights.
-    A clear CheckpointError when they do not fit; a warning when the backbone differs but they fit."""
+    A clear CheckpointError when they do not fit; a warning when the backbone differs but they fit.
+    A PEFT adapter folder (adapter_config.json) is read as the same deltas (deltakit/peft_import.py)."""
     refuse_if_sharded(model, "load()")
+    if peft_import.is_peft_folder(path) and not (Path(path) / checkpoint.CONFIG).is_file():
+        spec, tensors = peft_import.read(model, path)
+        return _attach_loaded(model, spec, name or "default", tensors)
     config = checkpoint.read_config(path)
     checkpoint.check_fits(model, config, plan(model, config["spec"]), path)
     tensors = checkpoint.read_tensors(path)
-    handle = attach(model, config["spec"], name=name or config.get("name", "default"))
+    handle = _attach_loaded(model, config["spec"], name or config.get("name", "default"), tensors)
+    checkpoint.warn_if_backbone_differs(model, handle, config, path)
+    return handle
+
+
+def _attach_loaded(model, spec: str, name: str, tensors: dict) -> "Handle":
+    handle = attach(model, spec, name=name)
     try:
         handle.load_state_dict(tensors)
     except BaseException:
         handle.detach()
         raise
-    checkpoint.warn_if_backbone_differs(model, handle, config, path)
     return handle
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .distributed.group import on_main
 from .distributed.tensors import full_tensor, is_sharded, reshard
-from .joins.site import gated, submodule
+from .joins.site import reparam_values, submodule
 from .io import atomic_write
 from .errors import CheckpointError, listing
 from .positions import backbone_modules, is_backbone
@@ -152,22 +152,16 @@ def _modules_to_save(model, fulls, task) -> list[str]:
 
 def _merged_state(model, path, fulls) -> dict:
     """The state_dict of the module at `path` as the attached model computes with it: backbone
-    values plus the (unmerged, gated) full deltas on it or on its submodules."""
+    values, replaced by what the (unmerged, gated) full deltas on it or on its submodules make of
+    them, by the engine's own rule (one ungated full delta: its values exactly)."""
     state = {k: full_tensor(v.detach()).clone() for k, v in submodule(model, path).state_dict().items() if is_backbone(k)}
     for q, entries in fulls.items():
-        if q != path and not q.startswith(f"{path}."):
+        live = [e for e in entries if not e.merged]   # merged ones are in the backbone values read above
+        if (q != path and not q.startswith(f"{path}.")) or not live:
             continue
         rel = q[len(path) + 1:]
-        for e in entries:
-            if e.merged:   # already folded into the backbone values read above
-                continue
-            for (_, name), delta in _full_changes(e).items():
-                key = f"{rel}.{name}" if rel else name
-                state[key] += full_tensor(delta).to(state[key])
+        params = {n: p for n, p in live[0].target.named_parameters() if is_backbone(n)}
+        for name, value in reparam_values(live, params).items():
+            key = f"{rel}.{name}" if rel else name
+            state[key] = full_tensor(value.detach()).to(state[key]).clone()
     return state
-
-
-def _full_changes(entry) -> dict:
-    """{(module, name): change} of a full delta: its (gated) values minus the backbone's."""
-    params = dict(entry.target.named_parameters())
-    return {(entry.target, n): gated(entry, v - params[n]).detach() for n, v in entry.module.new_params(params).items()}
