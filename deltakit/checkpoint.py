@@ -95,7 +95,7 @@ def read_config(path) -> dict:
     file = folder / CONFIG
     if not file.is_file():
         raise CheckpointError(f"{folder} is not a deltakit checkpoint: {CONFIG} is missing "
-                              f"(saved with h.save(path)? PEFT folders load with peft.PeftModel)")
+                              f"(saved with h.save(path), or a PEFT folder with adapter_config.json?)")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -452,11 +452,14 @@ def _match_regex(model, table, pattern) -> list[Position]:
     by_path = {}
     for p in table:  # a raw path that is a canonical position keeps its canonical name
         if p.slice is None:
-            by_path.setdefault(p.path, p)
+            by_path.setdefault(p.path, []).append(p)
     hits = []
     for path, module in modules.items():
         if path and regex.fullmatch(path):
-            hits.append(by_path.get(path) or Position(path, path, module_kind(module), module_shape(module), path,
+            # one module can be two positions (BERT's output.dense: ffn.out, and the ffn block that ends
+            # there): the module's own kind names it
+            named = sorted(by_path.get(path, ()), key=lambda p: p.kind != module_kind(module))
+            hits.append(named[0] if named else Position(path, path, module_kind(module), module_shape(module), path,
                                                       params=_num_params(module), raw=True))
     if not hits:
         raise PatternError(f"regex {pattern!r} matches no module name (it must match a whole path such as "

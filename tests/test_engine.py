@@ -227,6 +227,13 @@ def test_materialize_reapplies_positions_found_by_regex():
     plain.detach()
 
 
+def test_regex_names_a_module_by_its_own_kind_when_it_is_two_positions():
+    # BERT's output.dense is ffn.out and also where the ffn block ends: re: means the linear
+    model = tm.make("bert")
+    h = deltakit.attach(model, r"lora(r=2)@re:.*layer\.1\.output\.dense")
+    assert [e.key for e in h.entries] == ["layers.1.ffn.out.lora"]
+
+
 def test_backbone_state_dict_loads_strictly_after_attach():
     model = tm.make("gpt2")
     original = {k: v.clone() for k, v in model.state_dict().items()}
