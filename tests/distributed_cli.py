@@ -19,9 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import deltakit.io  # noqa: E402
 
-RANK, WORLD = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-if RANK != 0:
+
+def rank0_writes_only():
+    if RANK == 0:
+        return
     original = deltakit.io.atomic_write
 
     def refuse(path, *args, **kwargs):
@@ -30,8 +33,12 @@ if RANK != 0:
         if getattr(module, "atomic_write", None) is original:
             module.atomic_write = refuse
 
-kill_after = os.environ.get("DELTAKIT_TEST_KILL_AFTER")
-if kill_after and RANK == WORLD - 1:
+
+def kill_when_asked():
+    kill_after = os.environ.get("DELTAKIT_TEST_KILL_AFTER")
+    if not kill_after or RANK != WORLD - 1:
+        return
+
     def watch():
         while not Path(kill_after).exists():
             time.sleep(0.02)
@@ -39,5 +46,9 @@ if kill_after and RANK == WORLD - 1:
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=watch, daemon=True).start()
 
-module, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]
-runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+if __name__ == "__main__":
+    rank0_writes_only()
+    kill_when_asked()
+    module, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
