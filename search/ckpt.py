@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deltakit import distributed as dist
 from deltakit.io import atomic_write
 
 from .errors import SearchError
@@ -46,8 +47,10 @@ def optimizer_tensors(prefix: str, optimizer, names: dict) -> dict:
 
 
 def load_optimizer(prefix: str, optimizer, names: dict, tensors: dict):
+    """Whole saved states; a sharded parameter's (exp_avg, exp_avg_sq) take this rank's slice."""
     for p, name in names.items():
-        st = {k.rsplit(".", 1)[1]: v.clone() for k, v in tensors.items() if k.startswith(f"{prefix}.{name}.")
+        st = {k.rsplit(".", 1)[1]: dist.like(v, p) if dist.is_dtensor(p) and v.shape == p.shape else v.clone()
+              for k, v in tensors.items() if k.startswith(f"{prefix}.{name}.")
               and k.count(".") == f"{prefix}.{name}.".count(".")}
         if st:
             optimizer.state[p] = st

@@ -6,6 +6,7 @@ import os
 import resource
 from dataclasses import asdict
 
+from deltakit import distributed as dist
 from deltakit.io import write_json, write_text
 
 
@@ -47,7 +48,13 @@ def metrics(cfg, setup, space, chosen, cost, handle, test, retrain, search_info,
 
 
 def write_outputs(result, space, chosen, probs, search_info, handle, heatmap: bool = True):
-    """Every output file into result.output_dir; the heat map last, and only when `heatmap`."""
+    """Every output file into result.output_dir; the heat map last, and only when `heatmap`. Under
+    torchrun every rank calls it: the deltas are gathered from all, rank 0 writes."""
+    handle.save(result.output_dir / "deltas")
+    dist.on_main(_write_files, result, space, chosen, probs, search_info, heatmap)
+
+
+def _write_files(result, space, chosen, probs, search_info, heatmap: bool):
     out = result.output_dir
     chosen_set = set(chosen)
     structure = {
@@ -65,7 +72,6 @@ def write_outputs(result, space, chosen, probs, search_info, handle, heatmap: bo
     if search_info.get("history"):
         full["search_history"] = search_info["history"]
     write_json(out / "metrics.json", full)
-    handle.save(out / "deltas")
     if not heatmap:
         return
     from .plots import heatmap as draw

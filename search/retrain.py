@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 import deltakit
+from deltakit import distributed as dist
 
-from . import data as datalib
+from . import data as datalib, ranks
 from .errors import SearchError
 from .seeds import derive
 
@@ -30,11 +31,13 @@ def evaluate(backbone, enc: datalib.Encoded, batch_size: int) -> dict:
     option) on an encoded split."""
     was = backbone.model.training
     backbone.model.eval()
+    enc = ranks.share(enc, backbone)   # torchrun: this rank's batches, the forwards in lockstep
     preds, gold = [], []
     for batch in enc.batches(batch_size * 2):
         preds += backbone.predict(batch)
         gold += batch["labels"].tolist()
     backbone.model.train(was)
+    preds, gold = ranks.gathered(preds), ranks.gathered(gold)
     from sklearn.metrics import accuracy_score, f1_score
     return {"accuracy": float(accuracy_score(gold, preds)),
             "macro_f1": float(f1_score(gold, preds, average="macro", zero_division=0))}
@@ -46,6 +49,7 @@ def train_structure(cfg, backbone, spec: str, trn, dev, logger=None, name: str =
     from tqdm.auto import tqdm
     torch.manual_seed(derive(cfg.seed, 2))
     handle = deltakit.attach(backbone.model, spec, name=name)
+    ranks.shard(backbone.model)   # torchrun: FSDP2, after attaching, before the optimizer
     params = handle.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.retrain_lr, weight_decay=0.01)
     per_epoch = max(1, len(trn) // cfg.batch_size)
@@ -54,19 +58,19 @@ def train_structure(cfg, backbone, spec: str, trn, dev, logger=None, name: str =
     k = cfg.retrain_evals
     evals = {max(1, round(total * (i + 1) / k)) for i in range(k)}
     best, best_state, losses = None, None, []
-    bar = tqdm(total=total, desc="retrain", disable=not cfg.progress)
+    bar = tqdm(total=total, desc="retrain", disable=not ranks.progress(cfg))
     backbone.model.train()
     for step in range(total):
         for g in opt.param_groups:
             g["lr"] = cfg.retrain_lr * warmup_decay(step, total, warm)
         idx = datalib.step_indices(len(trn), cfg.batch_size, cfg.seed, step, 2)
         torch.manual_seed(derive(cfg.seed, step, 4))
-        loss = backbone.loss(trn.batch(idx))
+        loss = ranks.step_loss(lambda mine: backbone.loss(trn.batch(mine)), idx)   # this rank's share
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(ranks.mean(loss.item()))
         if not math.isfinite(losses[-1]):   # the deltas are lost: say so rather than score noise
             raise SearchError(f"retraining diverged at step {step + 1} of {total} (loss {losses[-1]}); "
                               f"lower --retrain-lr (now {cfg.retrain_lr:g}) and run again")
@@ -77,8 +81,15 @@ def train_structure(cfg, backbone, spec: str, trn, dev, logger=None, name: str =
         if step + 1 in evals:
             score = evaluate(backbone, dev, cfg.batch_size)
             if best is None or score["accuracy"] >= best["accuracy"]:
+                dist.reshard(backbone.model)   # sharded: the registered parameters are the shards again
                 best, best_state = {**score, "step": step + 1}, {n: p.detach().clone() for n, p in handle.named_parameters()}
     bar.close()
-    handle.load_state_dict(best_state)
+    if dist.is_sharded(backbone.model):   # the kept values are shards: each rank writes its own
+        dist.reshard(backbone.model)
+        with torch.no_grad():
+            for n, p in handle.named_parameters():
+                p.copy_(best_state[n])
+    else:
+        handle.load_state_dict(best_state)
     return {"handle": handle, "dev": best, "steps": total, "final_loss": float(np.mean(losses[-20:])),
             "trainable": handle.num_trainable}

@@ -24,14 +24,15 @@ import json
 import sys
 import time
 import typing
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
 import deltakit
+from deltakit import distributed as dist
 
-from . import extras, outputs
+from . import extras, outputs, ranks
 from .budget import check_fits
 from .config import Config, Result
 from .discretize import greedy_knapsack, random_structure, structure_cost
@@ -48,6 +49,7 @@ def run(cfg: Config) -> Result:
         raise SearchError(f"run() takes a search.s3pet.Config, got {type(cfg).__name__}; "
                           f"build one with Config(...) or Config.from_dict(...)")
     extras.require(needs(cfg))             # a missing package fails now, not after the search
+    ranks.start(cfg)                       # under torchrun (WORLD_SIZE > 1): join the process group
     out = Path(cfg.output_dir) if cfg.output_dir else None
     heatmap = out is not None and extras.optional("matplotlib", f"the gate heat map {out / 'gates.png'}")
     if cfg.threads:
@@ -61,7 +63,7 @@ def run(cfg: Config) -> Result:
     groups = [c.rule if c.rule in space.rule_params else None for c in space.candidates]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    logger = outputs.Logger(cfg, out)
+    logger = outputs.Logger(cfg if dist.is_main() else replace(cfg, wandb=False), out)   # rank 0 logs
     setup_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -72,6 +74,10 @@ def run(cfg: Config) -> Result:
         chosen = greedy_knapsack(probs, space.sizes, budget.params, groups, space.rule_params)
     else:
         chosen = random_structure(space.sizes, budget.params, cfg.seed, groups, space.rule_params)
+    if dist.is_sharded(backbone.model):    # torchrun: a sharded model takes no new deltas; retrain on a fresh one
+        setup = backbone = None
+        setup = prepare(cfg)
+        backbone = setup.backbone
     search_s = time.perf_counter() - t1
     cost = structure_cost(chosen, space.sizes, groups, space.rule_params)
     if cost > budget.params:   # never, unless a discretiser is wrong: then no structure over budget is trained
@@ -140,10 +146,17 @@ def main(argv=None) -> int:
     args = vars(parser().parse_args(argv))
     with extras.one_line_warnings():
         try:
-            result = run(Config(**args))
+            with dist.guard("the search"):           # torchrun: a rank that died is an error here, not a hang
+                result = run(Config(**args))
         except (deltakit.DeltakitError, OSError) as e:   # what the user can fix: one line, no traceback
             print(f"error: {e}", file=sys.stderr)
             return 2
+        finally:
+            main_rank = dist.is_main()
+            if dist.world_size() > 1:
+                dist.shutdown()
+    if not main_rank:
+        return 0
     summary = {"spec": result.spec, "cost": result.cost, "budget": result.budget.params, "test": result.test,
                "dev": result.dev, "seconds": result.metrics["seconds"], "output_dir": str(result.output_dir)}
     print(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -14,7 +14,9 @@ import torch
 
 import deltakit
 
-from . import ckpt, data as datalib
+from deltakit import distributed as dist
+
+from . import ckpt, data as datalib, ranks
 from .bilevel import first_order_grad, second_order_grad
 from .errors import SearchError
 from .gates import Gates, logistic_noise
@@ -33,6 +35,7 @@ class Search:
         spec = space.spec + (f"; {fixed}" if fixed else "")
         torch.manual_seed(derive(cfg.seed, 1))
         self.handle = deltakit.attach(backbone.model, spec, name="s3pet_search")
+        ranks.shard(backbone.model)   # torchrun: FSDP2 over the deltas' blocks; the gate logits stay whole
         by_key = {e.key: e for e in self.handle.entries}
         self.entries = [by_key[c.key] for c in space.candidates]
         self.names = dict(self.handle.named_parameters())
@@ -63,10 +66,9 @@ class Search:
     def loss_on(self, part: str, step: int, b: float, noise, pass_id: int):
         idx = self.half_w if part == "w" else self.half_a
         local = datalib.step_indices(len(idx), self.cfg.batch_size, self.cfg.seed, step, 0 if part == "w" else 1)
-        batch = self.trn.batch([idx[i] for i in local])
         torch.manual_seed(derive(self.cfg.seed, step, pass_id))   # the same dropout masks in every pass of one kind
         self.set_gates(self.gates.sample(b, noise))
-        return self.backbone.loss(batch)
+        return ranks.step_loss(lambda mine: self.backbone.loss(self.trn.batch(mine)), [idx[i] for i in local])
 
     def run_step(self, step: int) -> dict:
         """One bi-level step: the gate logits, then the delta weights."""
@@ -85,7 +87,7 @@ class Search:
             grad = second_order_grad(self.alpha, self.weights, self.w_opt, trn, val, cfg.jacobian)
         else:
             grad = first_order_grad(self.alpha, val)
-        self.alpha.grad = grad
+        self.alpha.grad = ranks.replicated_grad(grad)   # torchrun: the same logits on every rank
         torch.nn.utils.clip_grad_norm_([self.alpha], cfg.clip)
         self.a_opt.step()
         self.a_opt.zero_grad(set_to_none=True)
@@ -95,15 +97,14 @@ class Search:
         with torch.no_grad():
             z = self.gates.sample(b, noise)
         idx = datalib.step_indices(len(self.half_w), cfg.batch_size, cfg.seed, step, 0)
-        batch = self.trn.batch([self.half_w[i] for i in idx])
         torch.manual_seed(derive(cfg.seed, step, 3))
         self.set_gates(z)
-        loss = self.backbone.loss(batch)
+        loss = ranks.step_loss(lambda mine: self.backbone.loss(self.trn.batch(mine)), [self.half_w[i] for i in idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.weights, cfg.clip)
         self.w_opt.step()
         self.w_opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "shift": b, "lr_w": self.w_opt.param_groups[0]["lr"]}
+        return {"loss": ranks.mean(loss.item()), "shift": b, "lr_w": self.w_opt.param_groups[0]["lr"]}
 
     def dev_score(self, dev) -> dict:
         with torch.no_grad():
@@ -115,7 +116,7 @@ class Search:
         (the best one's logits are kept), checkpoints every `ckpt_every` steps and at the end."""
         from tqdm.auto import tqdm
         cfg = self.cfg
-        bar = tqdm(total=self.total, initial=self.step, desc="search", disable=not cfg.progress)
+        bar = tqdm(total=self.total, initial=self.step, desc="search", disable=not ranks.progress(cfg))
         while self.step < self.total:
             step = self.step
             info = self.run_step(step)
@@ -133,7 +134,8 @@ class Search:
             if self.step % cfg.ckpt_every == 0 or self.step == self.total:
                 self.done = self.step == self.total
                 if path is not None:
-                    ckpt.save(path, *self.state())
+                    tensors, state = self.state()            # every rank: the deltas gathered whole
+                    ranks.on_main(ckpt.save, path, tensors, state)
             if cfg.step_sleep:
                 time.sleep(cfg.step_sleep)
         bar.close()
@@ -154,6 +156,7 @@ class Search:
         tensors["best_logits"] = self.best_logits
         tensors.update(ckpt.optimizer_tensors("opt_w", self.w_opt, {w: str(i) for i, w in enumerate(self.weights)}))
         tensors.update(ckpt.optimizer_tensors("opt_a", self.a_opt, {self.alpha: "0"}))
+        tensors = ranks.whole(tensors)
         rng_t, rng_j = ckpt.rng_state()
         tensors.update(rng_t)
         state = {"config": self.cfg.fingerprint(), "step": self.step, "best": self.best, "best_step": self.best_step,
@@ -177,8 +180,8 @@ class Search:
         if state["weights"] != list(self.names):
             raise SearchError("the search checkpoint was written for a different search space; pass --fresh")
         with torch.no_grad():
-            for i, w in enumerate(self.weights):
-                w.copy_(tensors[f"w.{i}"])
+            for i, w in enumerate(self.weights):   # whole tensors; a sharded one takes this rank's slice
+                w.copy_(dist.like(tensors[f"w.{i}"], w))
             self.alpha.copy_(tensors["logits"])
         self.best_logits = tensors["best_logits"].clone()
         ckpt.load_optimizer("opt_w", self.w_opt, {w: str(i) for i, w in enumerate(self.weights)}, tensors)
@@ -198,4 +201,5 @@ def search(cfg, backbone, space, budget, fixed, trn, dev, path: Path | None, log
         s.loop(dev, path, logger)
         return s.outcome()
     finally:
-        s.handle.detach()
+        if not dist.is_sharded(backbone.model):   # a sharded supernet is dropped with its model (s3pet.run)
+            s.handle.detach()

@@ -34,7 +34,7 @@ import torch
 from deltakit.errors import DeltakitError
 from deltakit.io import write_json, write_text
 
-from . import registry
+from . import parallel, registry
 from .errors import CugeError
 
 NEEDS = {   # module -> pip package, per need; checked before any work starts
@@ -91,17 +91,22 @@ def labelled(rows, kind: str) -> bool:
     return all(v != empty for v in values)
 
 
-def predict(recipe, rows, kind: str, batch_size: int, desc: str, progress: bool) -> list:
-    """One prediction per row, in row order; batches are formed by input length (less padding)."""
+def predict(recipe, rows, kind: str, batch_size: int, desc: str, progress: bool, idle=None) -> list:
+    """One prediction per row, in row order; batches are formed by input length (less padding).
+    Under torchrun each rank predicts every world-th batch, its forwards (beam search steps too) in
+    lockstep with the others' (`idle()`: one forward), and the predictions are gathered."""
     from tqdm.auto import tqdm
     from .train import take
     lengths = rows["input"] if hasattr(rows, "column_names") else [r["input"] for r in rows]
     order = sorted(range(len(lengths)), key=lambda i: len(lengths[i]))
     out = [None] * len(order)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, file=sys.stderr):
-        idx = order[start:start + batch_size]
-        for i, p in zip(idx, recipe.predict(take(rows, idx), kind)):
-            out[i] = p
+    mine = []
+    with parallel.lockstep(recipe.model, idle):
+        for idx in tqdm(parallel.batches(len(order), batch_size), desc=desc, disable=not progress, file=sys.stderr):
+            idx = [order[j] for j in idx]
+            mine += zip(idx, recipe.predict(take(rows, idx), kind))
+    for i, p in parallel.gathered([(i, _jsonable(p)) for i, p in mine] if parallel.active() else mine):
+        out[i] = p
     return out
 
 
@@ -136,14 +141,16 @@ def train_config(args, hp, n_train: int):
 def run_one(args, name: str, out: Path) -> dict:
     """Train, select, predict and score one dataset into `out`; returns its metrics.json."""
     import deltakit
+    from deltakit import distributed as dist
     from . import data, metrics, recipes, submit
-    from .train import plot, train
+    from .train import plot, take, train
 
     ds = registry.get(name)
     t0 = time.perf_counter()
-    splits = {split: data.load(ds.name, args.data_dir, split, max_n=limit)      # every file checked first
-              for split, limit in (("train", args.max_train), ("dev", args.max_dev), ("test", args.max_test))}
-    device = device_of(args.device)
+    splits = parallel.main_first(lambda: {           # every file checked first (torchrun: cached by rank 0)
+        split: data.load(ds.name, args.data_dir, split, max_n=limit)
+        for split, limit in (("train", args.max_train), ("dev", args.max_dev), ("test", args.max_test))})
+    device = dist.device() if parallel.active() else device_of(args.device)   # torchrun: this rank's
     torch.manual_seed(args.seed)                     # a new head (encoders) is drawn from it
     recipe = recipes.load(args.model, ds, splits["train"], device, kind=args.recipe, seed=args.seed)
     hp = hparams(args, recipe, ds)
@@ -151,33 +158,41 @@ def run_one(args, name: str, out: Path) -> dict:
     spec = read_delta(args.delta) or recipe.default_delta
     torch.manual_seed(args.seed)                     # the deltas' initialisation
     handle = deltakit.attach(recipe.model, spec)
+    parallel.shard(recipe.model)                     # torchrun: FSDP2, after attaching, before the optimizer
     cfg = train_config(args, hp, len(splits["train"]))
     fingerprint = {"dataset": ds.name, "model": str(Path(args.model).resolve()), "recipe": recipe.name,
                    "delta": spec, "data_dir": str(Path(args.data_dir).resolve()),
                    "rows": {s: len(r) for s, r in splits.items()}, "hparams": asdict(hp)}
     eval_bs = args.eval_batch_size or hp.batch_size
+    progress = args.progress and dist.is_main()
+
+    def idle():                                      # torchrun: a forward matching another rank's
+        return recipe.loss(take(splits["train"], [0]), ds.kind_of("train"))
 
     def dev_metric():                                # --select metric: the dataset's CUGE score on dev
-        preds = predict(recipe, splits["dev"], ds.kind, eval_bs, "dev", False)
+        preds = predict(recipe, splits["dev"], ds.kind, eval_bs, "dev", False, idle)
         return metrics.score(ds.name, preds, splits["dev"])[ds.score_metric]
 
     result = train(handle, lambda rows: recipe.loss(rows, ds.kind_of("train")), splits["train"], splits["dev"],
                    cfg, out, fingerprint, dev_metric=dev_metric if args.select == "metric" else None,
                    dev_loss_fn=lambda rows: recipe.loss(rows, ds.kind_of("dev")), wandb=args.wandb,
-                   progress=args.progress, fresh=args.fresh)
-    handle.save(out / "deltas")
-    write_json(out / "train.json", {**asdict(result), "config": asdict(cfg)})
-    plot(result, out / "loss.png", f"{ds.title}: {recipe.name} [{spec}]")
+                   progress=progress, fresh=args.fresh)
+    handle.save(out / "deltas")                      # torchrun: every rank gathers, rank 0 writes
+    parallel.on_main(write_json, out / "train.json", {**asdict(result), "config": asdict(cfg)})
+    parallel.on_main(plot, result, out / "loss.png", f"{ds.title}: {recipe.name} [{spec}]")
 
-    preds = {s: predict(recipe, splits[s], ds.kind, eval_bs, f"predict {s}", args.progress) for s in ("dev", "test")}
-    for s, p in preds.items():
-        write_text(out / "predictions" / f"{s}.jsonl", "".join(
-            json.dumps({"id": i, "prediction": _jsonable(x)}, ensure_ascii=False) + "\n"
-            for i, x in zip(splits[s]["id"], p)))
+    preds = {s: predict(recipe, splits[s], ds.kind, eval_bs, f"predict {s}", progress, idle) for s in ("dev", "test")}
     dev_scores = metrics.score(ds.name, preds["dev"], splits["dev"])
     test_scores = (metrics.score(ds.name, preds["test"], splits["test"]) if labelled(splits["test"], ds.kind)
                    else None)
-    submission = submit.write(ds.name, splits["test"], preds["test"], out / "submission")
+
+    def write_predictions() -> Path:             # rank 0; returns the submission file
+        for s, p in preds.items():
+            write_text(out / "predictions" / f"{s}.jsonl", "".join(
+                json.dumps({"id": i, "prediction": _jsonable(x)}, ensure_ascii=False) + "\n"
+                for i, x in zip(splits[s]["id"], p)))
+        return submit.write(ds.name, splits["test"], preds["test"], out / "submission")
+    submission = parallel.on_main(write_predictions)
     report = {
         "model": args.model_name, "delta": spec, "dataset": ds.name,
         "split": "test" if test_scores else "dev", "scores": test_scores or dev_scores,
@@ -189,8 +204,9 @@ def run_one(args, name: str, out: Path) -> dict:
         "seconds": {"train": result.seconds, "total": round(time.perf_counter() - t0, 1)},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
-    write_json(out / "metrics.json", report)
-    handle.detach()
+    parallel.on_main(write_json, out / "metrics.json", report)
+    if not parallel.active():                        # a sharded model cannot be detached; it is dropped
+        handle.detach()
     return report
 
 
@@ -239,25 +255,35 @@ def main(argv=None) -> int:
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"   # read when datasets is first imported
         if "datasets" in sys.modules:
             sys.modules["datasets"].disable_progress_bars()
+    from deltakit import distributed as dist
     try:
         names = registry.names(args.task)
         from . import recipes
         kind = args.recipe or recipes.detect(args.model)
         require("data", kind, *(["wandb"] if args.wandb else []))
+        parallel.start(args.device)   # under torchrun (WORLD_SIZE > 1): join the process group
+        for name in names:
+            parallel.check(kind, registry.get(name))
         out = Path(args.output_dir)
         reports = {}
-        for name in names:
-            folder = out if len(names) == 1 else out / name
-            reports[name] = run_one(args, name, folder)
-            print(json.dumps({"dataset": name, "split": reports[name]["split"], "scores": reports[name]["scores"],
-                              "output": str(folder)}, ensure_ascii=False))
-        if len(names) > 1:
-            from . import score
-            score.leaderboard([out / n for n in names], out)
-            print(f"leaderboard: {out / 'leaderboard.md'}")
+        with dist.guard("the CUGE run"):   # a rank that died: an error here, not a hang
+            for name in names:
+                folder = out if len(names) == 1 else out / name
+                reports[name] = run_one(args, name, folder)
+                if dist.is_main():
+                    print(json.dumps({"dataset": name, "split": reports[name]["split"],
+                                      "scores": reports[name]["scores"], "output": str(folder)}, ensure_ascii=False))
+            if len(names) > 1:
+                from . import score
+                parallel.on_main(score.leaderboard, [out / n for n in names], out)
+                if dist.is_main():
+                    print(f"leaderboard: {out / 'leaderboard.md'}")
     except DeltakitError as e:        # CugeError is one; a bad --delta spec raises deltakit's own
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if parallel.active():
+            dist.shutdown()
     return 0
 
 

@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deltakit import distributed as dist
 from deltakit.io import atomic_write
 
+from . import parallel
 from .errors import CugeError
 
 CKPT = "train.ckpt.safetensors"
@@ -151,11 +153,6 @@ def take(rows, idx: list[int]) -> list[dict]:
     return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
-def chunks(rows, batch_size: int):
-    for start in range(0, len(rows), batch_size):
-        yield take(rows, list(range(start, min(len(rows), start + batch_size))))
-
-
 # ---- checkpoint ------------------------------------------------------------------------------------
 
 def _rng() -> tuple[dict, dict]:
@@ -221,13 +218,18 @@ class _Logger:
 # ---- the loop ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def dev_loss(loss_fn, rows, batch_size: int, model) -> float:
+def dev_loss(loss_fn, rows, batch_size: int, model, idle=None) -> float:
+    """The mean of the batches' losses weighted by their rows; under torchrun each rank takes every
+    world-th batch, its forwards in lockstep with the others' (`idle()`: one forward)."""
     was = model.training
     model.eval()
     total, n = 0.0, 0
-    for batch in chunks(rows, batch_size):
-        total += loss_fn(batch).item() * len(batch)
-        n += len(batch)
+    with parallel.lockstep(model, idle):
+        for idx in parallel.batches(len(rows), batch_size):
+            batch = take(rows, idx)
+            total += loss_fn(batch).item() * len(batch)
+            n += len(batch)
+    total, n = parallel.sums(total, n)
     model.train(was)
     return total / max(n, 1)
 
@@ -245,15 +247,17 @@ class _Progress:
 
 
 def _save(path: Path, fingerprint: dict, names: dict, best_state: dict, opt, sched, progress: _Progress):
+    """Every rank calls it (sharded tensors are gathered whole, so any world size resumes); rank 0 writes."""
     tensors = {f"delta.{n}": p for n, p in names.items()} | {f"best.{n}": t for n, t in best_state.items()}
     opt_state = opt.state_dict()
     for i, n in enumerate(names):
         for k, v in opt_state["state"].get(i, {}).items():
             tensors[f"opt.{n}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
+    tensors = parallel.whole(tensors)
     rng_t, rng_j = _rng()
     state = {"fingerprint": fingerprint, **asdict(progress), "rng": rng_j,
              "optimizer": {"param_groups": opt_state["param_groups"]}, "scheduler": sched.state_dict()}
-    save_checkpoint(path, tensors | rng_t, state)
+    parallel.on_main(save_checkpoint, path, tensors | rng_t, state)
 
 
 def _restore(path: Path, fingerprint: dict, names: dict, best_state: dict, opt, sched) -> _Progress | None:
@@ -267,13 +271,14 @@ def _restore(path: Path, fingerprint: dict, names: dict, best_state: dict, opt, 
                       if state["fingerprint"].get(k) != fingerprint.get(k))
         raise CugeError(f"{path} holds a run with other settings ({', '.join(diff)}); use another "
                         f"--output-dir, or pass --fresh to start this one over")
-    with torch.no_grad():
+    with torch.no_grad():   # whole tensors; a sharded parameter takes this rank's slice (dist.like)
         for n, p in names.items():
-            p.copy_(tensors[f"delta.{n}"])
-            best_state[n] = tensors[f"best.{n}"].to(p.device, p.dtype)
+            p.copy_(dist.like(tensors[f"delta.{n}"], p))
+            best_state[n] = dist.like(tensors[f"best.{n}"], p)
     opt_state = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
     for i, (n, p) in enumerate(names.items()):
-        st = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        st = {k.rsplit(".", 1)[1]: dist.like(v, p) if v.shape == p.shape else v.to(p.device)
+              for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
         if st:
             opt_state["state"][i] = st
     opt.load_state_dict(opt_state)
@@ -305,9 +310,12 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
     resumed = state.step if state else None
     state = state or _Progress()
 
+    def idle():                                     # a forward matching another rank's (lockstep)
+        return loss_fn(take(train_rows, [0]))
+
     def evaluate() -> dict:
-        record = {"step": state.step,
-                  "dev_loss": dev_loss(dev_loss_fn or loss_fn, dev_rows, cfg.eval_batch_size or cfg.batch_size, model)}
+        record = {"step": state.step, "dev_loss": dev_loss(dev_loss_fn or loss_fn, dev_rows,
+                                                           cfg.eval_batch_size or cfg.batch_size, model, idle)}
         if cfg.select == "metric":
             record["dev_metric"] = float(dev_metric())
         score = record["dev_metric"] if cfg.select == "metric" else record["dev_loss"]
@@ -321,23 +329,23 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
         logger.log({f"dev/{k}": v for k, v in record.items() if k != "step"}, state.step)
         return record
 
-    logger = _Logger(wandb, out, fingerprint, out.name)
+    logger = _Logger(wandb and dist.is_main(), out, fingerprint, out.name)
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {out.name}", disable=not progress,
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {out.name}", disable=not (progress and dist.is_main()),
                file=sys.stderr)
     batches = Batches(len(train_rows), cfg.batch_size, cfg.seed, input_lengths(train_rows) if cfg.bucket else None)
     model.train()
     while state.step < cfg.max_steps and not state.stopped:
         idx = batches(state.step)
         torch.manual_seed(_seed(cfg.seed, state.step, 3))          # dropout masks depend on the step alone
-        loss = loss_fn(take(train_rows, idx))
+        loss = parallel.step_loss(loss_fn, lambda rows: take(train_rows, rows), idx)   # this rank's share
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         state.step += 1
-        state.losses.append(float(loss.item()))
+        state.losses.append(parallel.mean(loss.item()))
         logger.log({"train/loss": state.losses[-1], "train/lr": sched.get_last_lr()[0]}, state.step)
         post = {"loss": f"{np.mean(state.losses[-20:]):.3f}"}
         if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
@@ -351,6 +359,7 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
             time.sleep(cfg.step_sleep)
     bar.close()
     logger.finish()
+    dist.reshard(model)   # a sharded root holds gathered copies after an evaluation: write the shards
     with torch.no_grad():
         for n, p in names.items():
             p.copy_(best_state[n])

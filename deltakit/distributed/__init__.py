@@ -20,19 +20,19 @@ After sharding, attach / load / detach / merge raise a HandleError; `h.state_dic
     load.py     load_sharded(): meta build, shard, each rank reads its slices; to_safetensors
     memory.py   memory_per_rank(): what a rank holds, computed from a (meta) model
     state.py    save_state / load_state: deltas + optimizer state + step, at any world size
-    data.py     sampler, split, reduce, gather, lockstep / generate_in_lockstep
+    data.py     sampler, split, share, reduce, gather, lockstep / generate_in_lockstep
 """
-from .data import gather, generate_in_lockstep, lockstep, reduce, sampler, split
+from .data import gather, generate_in_lockstep, lockstep, reduce, sampler, share, split
 from .group import (DistributedError, barrier, device, guard, init, is_distributed, is_main, local_rank, mesh, on_main,
                     rank, shutdown, world_size)
 from .load import load_sharded, read_checkpoint, to_safetensors
 from .memory import memory_per_rank
 from .shard import check_dtypes, check_layout, default_mp_policy, find_blocks, shard
 from .state import load_state, save_state
-from .tensors import full_tensor, is_dtensor, is_sharded, local_slice
+from .tensors import full_tensor, is_dtensor, is_sharded, like, local_slice, reshard
 
 __all__ = ["init", "shutdown", "rank", "world_size", "local_rank", "is_main", "is_distributed", "device", "mesh",
            "barrier", "on_main", "guard", "DistributedError", "shard", "find_blocks", "default_mp_policy",
-           "check_layout", "check_dtypes", "is_sharded", "is_dtensor", "full_tensor", "local_slice", "load_sharded",
-           "read_checkpoint", "to_safetensors", "memory_per_rank", "save_state", "load_state", "sampler", "split", "reduce", "gather",
+           "check_layout", "check_dtypes", "is_sharded", "is_dtensor", "full_tensor", "local_slice", "like", "reshard", "load_sharded",
+           "read_checkpoint", "to_safetensors", "memory_per_rank", "save_state", "load_state", "sampler", "split", "share", "reduce", "gather",
            "lockstep", "generate_in_lockstep"]

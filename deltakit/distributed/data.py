@@ -32,6 +32,22 @@ def split(items: list) -> list:
     return list(items)[group.rank()::group.world_size()]
 
 
+def share(batch: list) -> tuple[list, float]:
+    """This rank's rows of a global training batch (`split`) and the weight of their mean loss,
+    len(mine) * world / len(batch): FSDP averages gradients over ranks, so the weighted per-rank
+    means average to the whole batch's mean (exactly, for a loss that is a mean over rows), and the
+    global batch stays what one process would take. A rank left without rows (a batch smaller than
+    the world) gets the batch's first row with weight 0: it still runs the forward and backward
+    that FSDP's collectives need. One process: (batch, 1.0)."""
+    world = group.world_size()
+    if world == 1:
+        return list(batch), 1.0
+    mine = split(batch)
+    if not mine:
+        return list(batch)[:1], 0.0
+    return mine, len(mine) * world / len(batch)
+
+
 def reduce(values: dict, op: str = "sum") -> dict:
     """{name: number} combined over ranks (sum, max, min or mean), the same on every rank: sum the
     counts behind a metric (correct, total), then divide."""
