@@ -15,6 +15,7 @@ import torch
 import deltakit
 
 from deltakit import distributed as dist
+from deltakit.io import rng_state, set_rng_state
 
 from . import ckpt, data as datalib, ranks
 from .bilevel import first_order_grad, second_order_grad
@@ -157,7 +158,7 @@ class Search:
         tensors.update(ckpt.optimizer_tensors("opt_w", self.w_opt, {w: str(i) for i, w in enumerate(self.weights)}))
         tensors.update(ckpt.optimizer_tensors("opt_a", self.a_opt, {self.alpha: "0"}))
         tensors = ranks.whole(tensors)
-        rng_t, rng_j = ckpt.rng_state()
+        rng_t, rng_j = rng_state()
         tensors.update(rng_t)
         state = {"config": self.cfg.fingerprint(), "step": self.step, "best": self.best, "best_step": self.best_step,
                  "history": self.history, "done": self.done, "rng": rng_j, "weights": list(self.names)}
@@ -186,7 +187,7 @@ class Search:
         self.best_logits = tensors["best_logits"].clone()
         ckpt.load_optimizer("opt_w", self.w_opt, {w: str(i) for i, w in enumerate(self.weights)}, tensors)
         ckpt.load_optimizer("opt_a", self.a_opt, {self.alpha: "0"}, tensors)
-        ckpt.set_rng_state(tensors, state["rng"])
+        set_rng_state(tensors, state["rng"])
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
         self.history, self.done = state["history"], state["done"]
 

@@ -12,13 +12,12 @@ Nothing is unpickled: tensors load with safetensors, the rest is JSON.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
-from ..io import atomic_write
+from ..io import read_state, write_state
 from . import group
 from .tensors import full_tensor, like, reshard
 
@@ -27,7 +26,6 @@ FORMAT = "deltakit-train-state"
 
 def save_state(path, handle, optimizer=None, step: int = 0, extra: dict | None = None) -> Path:
     """Write the state (a collective: every rank calls it; rank 0 writes). extra: JSON for the caller."""
-    from safetensors.torch import save_file
     reshard(handle.model)   # the registered parameters are then the ones the optimizer holds
     tensors = {}
     for key, p in handle.named_parameters():
@@ -36,10 +34,9 @@ def save_state(path, handle, optimizer=None, step: int = 0, extra: dict | None =
             if not torch.is_tensor(value):
                 value = torch.tensor(value)
             tensors[f"optim.{key}.{name}"] = full_tensor(value.detach())
-    meta = {"format": FORMAT, "state": json.dumps({"step": step, "world_size": group.world_size(), "extra": extra})}
-    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    state = {"step": step, "world_size": group.world_size(), "extra": extra}
     path = Path(path)
-    group.on_main(atomic_write, path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    group.on_main(write_state, path, tensors, state, FORMAT)
     return path
 
 
@@ -47,21 +44,10 @@ def load_state(path, handle, optimizer=None) -> dict | None:
     """Load a state written by save_state into `handle` (and `optimizer`, built over the handle's
     parameters as when it was saved); returns {"step", "world_size", "extra"}, or None when there is
     no file yet (a fresh start). Every rank reads the file itself and keeps its own slices."""
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
+    loaded = read_state(path, FORMAT, "deltakit training state", CheckpointError)
+    if loaded is None:
         return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not a deltakit training state (format {meta.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = json.loads(meta["state"])
-    except CheckpointError:
-        raise
-    except Exception as e:   # a foreign or damaged file: say so, never guess
-        raise CheckpointError(f"cannot read training state {path}: {e}; delete it to start over") from None
+    tensors, state = loaded
     reshard(handle.model)
     handle.load_state_dict({k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")})
     if optimizer is not None:
