@@ -60,7 +60,7 @@ def run(cfg: Config) -> Result:
     groups = [c.rule if c.rule in space.rule_params else None for c in space.candidates]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    logger = outputs.Logger(cfg, out)
+    logger = outputs.logger(cfg, out)
     setup_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -85,7 +85,6 @@ def run(cfg: Config) -> Result:
     retrain_s = time.perf_counter() - t2
     test_scores = evaluate(backbone, setup.test, cfg.batch_size)
     logger.log({f"test/{k}": v for k, v in test_scores.items()})
-    logger.finish()
 
     seconds = {"setup": round(setup_s, 1), "search": round(search_s, 1), "retrain": round(retrain_s, 1),
                "total": round(time.perf_counter() - t0, 1)}
@@ -94,6 +93,8 @@ def run(cfg: Config) -> Result:
                     test_scores, retrain["dev"], metrics, out, probs or [], backbone.model, handle)
     if out is not None:
         outputs.write_outputs(result, space, chosen, probs, search_info, handle, heatmap)
+    outputs.log_result(logger, result, space, probs)     # after the files: the heat map goes in too
+    logger.finish()
     return result
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from deltakit.io import atomic_write
+from search.wandb_log import Run
 
 from .errors import CugeError
 
@@ -198,26 +198,6 @@ def load_checkpoint(path: Path) -> tuple[dict, dict] | None:
                         "to start this run over") from None
 
 
-class _Logger:
-    """wandb when asked: offline unless the user set WANDB_MODE themselves."""
-
-    def __init__(self, enabled: bool, out: Path, config: dict, name: str):
-        self.run = None
-        if not enabled:
-            return
-        import wandb
-        self.run = wandb.init(project="deltakit-cuge", config=config, dir=str(out), name=name,
-                              mode=os.environ.get("WANDB_MODE", "offline"), resume="allow")
-
-    def log(self, values: dict, step: int):
-        if self.run is not None:
-            self.run.log(values, step=step)
-
-    def finish(self):
-        if self.run is not None:
-            self.run.finish()
-
-
 # ---- the loop ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -283,10 +263,11 @@ def _restore(path: Path, fingerprint: dict, names: dict, best_state: dict, opt, 
 
 
 def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fingerprint: dict,
-          dev_metric=None, dev_loss_fn=None, wandb: bool = False, progress: bool = True,
+          dev_metric=None, dev_loss_fn=None, logger: Run | None = None, progress: bool = True,
           fresh: bool = False) -> TrainResult:
     """Train `handle`'s deltas with `loss_fn(rows) -> scalar`; leaves the selected deltas in the handle.
-    `dev_loss_fn` (default `loss_fn`) computes the dev loss when dev rows are of another kind."""
+    `dev_loss_fn` (default `loss_fn`) computes the dev loss when dev rows are of another kind.
+    `logger` (a search.wandb_log.Run; the caller finishes it) gets the losses, lr and dev scores."""
     from tqdm.auto import tqdm
     if cfg.select == "metric" and dev_metric is None:
         raise CugeError("select='metric' needs a dev metric")
@@ -321,7 +302,7 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
         logger.log({f"dev/{k}": v for k, v in record.items() if k != "step"}, state.step)
         return record
 
-    logger = _Logger(wandb, out, fingerprint, out.name)
+    logger = logger or Run()
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {out.name}", disable=not progress,
                file=sys.stderr)
@@ -350,7 +331,6 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
         if cfg.step_sleep:
             time.sleep(cfg.step_sleep)
     bar.close()
-    logger.finish()
     with torch.no_grad():
         for n, p in names.items():
             p.copy_(best_state[n])
