@@ -24,7 +24,7 @@ def _s3pet(tmp: Path) -> dict:
 
 SMALL = {   # notebook -> the CI-size values that replace the full-size defaults of its parameter cell
     "01_quick_start": lambda tmp: dict(n_train=32, n_test=16, max_length=24, batch_size=16, out_dir=str(tmp / "quick")),
-    "02_delta_types": lambda tmp: dict(n_train=16, n_test=16, max_length=16, batch_size=16),
+    "02_delta_types": lambda tmp: dict(n_train=16, n_test=16, max_length=16, batch_size=16, epochs=1),
     "03_s3pet": _s3pet,
     "04_cuge": lambda tmp: dict(tasks="ccpm,lcsts,math23k", max_steps=2, batch_size=2, max_new=4,
                                 out_dir=str(tmp / "cuge")),
