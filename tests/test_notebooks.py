@@ -61,8 +61,17 @@ def test_every_notebook_is_listed_in_the_readme_and_has_ci_parameters():
     assert all(f"notebooks/{p.name}" in readme for p in NOTEBOOKS)
 
 
+@pytest.fixture
+def kernel(tmp_path, monkeypatch) -> str:
+    """A kernel of this very Python (not whatever 'python3' a user's Jupyter set-up points to)."""
+    from ipykernel.kernelspec import write_kernel_spec
+    write_kernel_spec(tmp_path / "jupyter" / "kernels" / "deltakit-tests")     # argv: sys.executable
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return "deltakit-tests"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runs_top_to_bottom_with_small_parameters(path, tmp_path, monkeypatch):
+def test_runs_top_to_bottom_with_small_parameters(path, tmp_path, monkeypatch, kernel):
     values = SMALL[path.stem](tmp_path)
     nb = nbformat.read(path, as_version=4)
     assert set(values) <= parameters(nb), f"not parameters of {path.name}: {set(values) - parameters(nb)}"
@@ -71,7 +80,7 @@ def test_runs_top_to_bottom_with_small_parameters(path, tmp_path, monkeypatch):
                        "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}.items():
         monkeypatch.setenv(key, value)               # the kernel inherits this environment
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name=kernel,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()                                 # raises CellExecutionError, naming the cell, when one fails
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
