@@ -7,7 +7,8 @@ keeps in ~/.netrc) lets wandb decide; otherwise the run is written offline into 
     log.log({"search/loss": 0.69}, step=1); log.image("gates", "gates.png"); log.summary({"cost": 992})
     log.finish()
 
-A disabled Run does nothing; wandb is imported only by an enabled one (its callers check the extra first).
+A disabled Run does nothing, and under torchrun only rank 0's is enabled; wandb is imported only by an
+enabled one (its callers check the extra first).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class Run:
     def __init__(self, enabled: bool = False, project: str = "deltakit", config: dict | None = None, out=None,
                  name: str | None = None):
         self.run = None
-        if not enabled:
+        from deltakit import distributed as dist
+        if not enabled or not dist.is_main():   # torchrun: one run, rank 0's
             return
         import wandb
         if out is not None:

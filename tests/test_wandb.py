@@ -90,6 +90,9 @@ def test_offline_unless_the_user_configured_wandb(wandb_env, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")                        # the user's own choice stands
     assert wandb_log.mode() is None
     assert wandb_log.Run(False).run is None                              # not asked: nothing at all
+    from deltakit import distributed as dist
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    assert wandb_log.Run(True, "deltakit-test").run is None             # torchrun: ranks > 0 log nothing
 
 
 def test_search_logs_losses_gates_scores_and_the_heat_map_offline(wandb_env):
