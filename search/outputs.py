@@ -2,34 +2,30 @@
 gates.png (when matplotlib is installed), and the wandb log (when asked)."""
 from __future__ import annotations
 
-import os
 import resource
 from dataclasses import asdict
 
 from deltakit import distributed as dist
 from deltakit.io import write_json, write_text
 
+from .wandb_log import Run
 
-class Logger:
-    """wandb when asked (offline unless an API key or WANDB_MODE says otherwise), else nothing."""
 
-    def __init__(self, cfg, out):
-        self.run = None
-        if not cfg.wandb:
-            return
-        import wandb   # present: the run checked its extras before starting
-        offline = not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ
-        self.run = wandb.init(project="deltakit-s3pet", config=asdict(cfg), dir=str(out) if out else None,
-                              name=f"{cfg.strategy}-{cfg.budget}-s{cfg.seed}", resume="allow",
-                              mode="offline" if offline else None)
+def logger(cfg, out) -> Run:
+    """The run's wandb log when --wandb (offline unless the user configured wandb), else a no-op."""
+    return Run(cfg.wandb, "deltakit-s3pet", asdict(cfg), out, f"{cfg.strategy}-{cfg.budget}-s{cfg.seed}")
 
-    def log(self, values: dict, step: int | None = None):
-        if self.run is not None:
-            self.run.log(values, step=step)
 
-    def finish(self):
-        if self.run is not None:
-            self.run.finish()
+def log_result(log: Run, result, space, probs):
+    """The end of a run in wandb: each candidate's gate probability at the best dev step, the scores and
+    the chosen structure's size (summary), and the gate heat map as a picture."""
+    if probs:
+        log.log({f"gates/{c.key}": p for c, p in zip(space.candidates, probs)})
+    log.summary({"cost": result.cost, "budget": result.budget.params, "num_chosen": len(result.chosen),
+                 "spec": result.spec, **{f"test/{k}": v for k, v in result.test.items()},
+                 **{f"dev/{k}": v for k, v in result.dev.items()}})
+    if result.output_dir is not None:
+        log.image("heatmap", result.output_dir / "gates.png", caption=result.structure_spec)
 
 
 def metrics(cfg, setup, space, chosen, cost, handle, test, retrain, search_info, seconds) -> dict:

@@ -24,7 +24,7 @@ import json
 import sys
 import time
 import typing
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -63,7 +63,7 @@ def run(cfg: Config) -> Result:
     groups = [c.rule if c.rule in space.rule_params else None for c in space.candidates]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    logger = outputs.Logger(cfg if dist.is_main() else replace(cfg, wandb=False), out)   # rank 0 logs
+    logger = outputs.logger(cfg, out)
     setup_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -92,7 +92,6 @@ def run(cfg: Config) -> Result:
     retrain_s = time.perf_counter() - t2
     test_scores = evaluate(backbone, setup.test, cfg.batch_size)
     logger.log({f"test/{k}": v for k, v in test_scores.items()})
-    logger.finish()
 
     seconds = {"setup": round(setup_s, 1), "search": round(search_s, 1), "retrain": round(retrain_s, 1),
                "total": round(time.perf_counter() - t0, 1)}
@@ -101,6 +100,8 @@ def run(cfg: Config) -> Result:
                     test_scores, retrain["dev"], metrics, out, probs or [], backbone.model, handle)
     if out is not None:
         outputs.write_outputs(result, space, chosen, probs, search_info, handle, heatmap)
+    outputs.log_result(logger, result, space, probs)     # after the files: the heat map goes in too
+    logger.finish()
     return result
 
 

@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-import cuge_fixtures as fx
+from benchmarks.cuge import fixtures as fx
 from benchmarks.cuge import data, formats, pku, registry, submit
 from benchmarks.cuge.errors import CugeError
 from deltakit.errors import DeltakitError

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-import cuge_fixtures as fx
+from benchmarks.cuge import fixtures as fx
 from benchmarks.cuge import arith, data, metrics
 from benchmarks.cuge.errors import CugeError
 

@@ -13,9 +13,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("jieba")
 
-import cuge_tiny as tiny  # noqa: E402
 import deltakit  # noqa: E402
-from benchmarks.cuge import recipes, registry  # noqa: E402
+from benchmarks.cuge import recipes, registry, tiny  # noqa: E402
 from benchmarks.cuge import train as tr  # noqa: E402
 from benchmarks.cuge.errors import CugeError  # noqa: E402
 from benchmarks.cuge.recipes import cpmant as rc  # noqa: E402

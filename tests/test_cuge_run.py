@@ -18,10 +18,9 @@ import torch
 pytest.importorskip("jieba")
 pytest.importorskip("datasets")
 
-import cuge_fixtures as fx  # noqa: E402
-import cuge_tiny as tiny  # noqa: E402
 import deltakit  # noqa: E402
-from benchmarks.cuge import registry, run, score  # noqa: E402
+from benchmarks.cuge import fixtures as fx  # noqa: E402
+from benchmarks.cuge import registry, run, score, tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--max-steps", "2", "--batch-size", "2", "--eval-every", "2", "--max-len", "96", "--max-new", "4",

@@ -18,8 +18,8 @@ import torch
 pytest.importorskip("jieba")
 pytest.importorskip("datasets")
 
-import cuge_fixtures as fx  # noqa: E402
-import cuge_tiny as tiny  # noqa: E402
+from benchmarks.cuge import fixtures as fx  # noqa: E402
+from benchmarks.cuge import tiny  # noqa: E402
 from distributed_launch import WORKER, launch  # noqa: E402
 
 CLI = WORKER.with_name("distributed_cli.py")

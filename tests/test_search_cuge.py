@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("jieba")
 pytest.importorskip("datasets")
 
-import cuge_fixtures as fx  # noqa: E402
-import cuge_tiny as tiny  # noqa: E402
+from benchmarks.cuge import fixtures as fx  # noqa: E402
+from benchmarks.cuge import tiny  # noqa: E402
 import deltakit  # noqa: E402
 from search import cuge  # noqa: E402
 from search.data import Rows  # noqa: E402

@@ -18,4 +18,6 @@ write the files to submit and the leaderboard.
   jieba baseline on the same test sentences.
 * recipes, train, run: how each backbone kind is tuned for each dataset kind, the training loop
   (atomic checkpoints, resume), and `python -m benchmarks.cuge.run --task ccpm|lite|...`.
+* fixtures, tiny: a handful of rows per dataset in the released formats (and CPM-Ant's layout), and
+  tiny backbones in each one's file layout, for tests and the CUGE notebook.
 """

@@ -142,6 +142,8 @@ def run_one(args, name: str, out: Path) -> dict:
     """Train, select, predict and score one dataset into `out`; returns its metrics.json."""
     import deltakit
     from deltakit import distributed as dist
+    from search.wandb_log import Run
+
     from . import data, metrics, recipes, submit
     from .train import plot, take, train
 
@@ -173,13 +175,15 @@ def run_one(args, name: str, out: Path) -> dict:
         preds = predict(recipe, splits["dev"], ds.kind, eval_bs, "dev", False, idle)
         return metrics.score(ds.name, preds, splits["dev"])[ds.score_metric]
 
+    log = Run(args.wandb, "deltakit-cuge", {**fingerprint, "train": asdict(cfg)}, out, out.name)
     result = train(handle, lambda rows: recipe.loss(rows, ds.kind_of("train")), splits["train"], splits["dev"],
                    cfg, out, fingerprint, dev_metric=dev_metric if args.select == "metric" else None,
-                   dev_loss_fn=lambda rows: recipe.loss(rows, ds.kind_of("dev")), wandb=args.wandb,
+                   dev_loss_fn=lambda rows: recipe.loss(rows, ds.kind_of("dev")), logger=log,
                    progress=progress, fresh=args.fresh)
     handle.save(out / "deltas")                      # torchrun: every rank gathers, rank 0 writes
     parallel.on_main(write_json, out / "train.json", {**asdict(result), "config": asdict(cfg)})
     parallel.on_main(plot, result, out / "loss.png", f"{ds.title}: {recipe.name} [{spec}]")
+    log.image("loss_curve", out / "loss.png")
 
     preds = {s: predict(recipe, splits[s], ds.kind, eval_bs, f"predict {s}", progress, idle) for s in ("dev", "test")}
     dev_scores = metrics.score(ds.name, preds["dev"], splits["dev"])
@@ -205,6 +209,10 @@ def run_one(args, name: str, out: Path) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     parallel.on_main(write_json, out / "metrics.json", report)
+    log.summary({**{f"dev/{k}": v for k, v in dev_scores.items()},
+                 **{f"test/{k}": v for k, v in (test_scores or {}).items()},
+                 "trainable": report["trainable"], "best_step": result.best_step})
+    log.finish()
     if not parallel.active():                        # a sharded model cannot be detached; it is dropped
         handle.detach()
     return report
@@ -241,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new", type=int, help="tokens generated (default: the registry's per dataset)")
     p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE says otherwise)")
+    p.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE is set or you are logged in)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --output-dir")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)   # tests: slow steps

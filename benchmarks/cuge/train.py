@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +31,8 @@ import numpy as np
 import torch
 
 from deltakit import distributed as dist
-from deltakit.io import atomic_write
+from deltakit.io import atomic_write, read_state, rng_state, set_rng_state, write_state
+from search.wandb_log import Run
 
 from . import parallel
 from .errors import CugeError
@@ -155,64 +154,13 @@ def take(rows, idx: list[int]) -> list[dict]:
 
 # ---- checkpoint ------------------------------------------------------------------------------------
 
-def _rng() -> tuple[dict, dict]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    py = random.getstate()
-    return ({"rng.torch": torch.get_rng_state()},
-            {"python": [py[0], list(py[1]), py[2]], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]})
-
-
-def _set_rng(tensors: dict, state: dict):
-    torch.set_rng_state(tensors["rng.torch"])
-    v, internal, gauss = state["python"]
-    random.setstate((v, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
 def save_checkpoint(path: Path, tensors: dict, state: dict):
-    from safetensors.torch import save_file
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "state": json.dumps(state)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    write_state(path, tensors, state, FORMAT)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict] | None:
-    from safetensors import safe_open
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise CugeError(f"{path} is not a CUGE training checkpoint (format {meta.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return tensors, json.loads(meta["state"])
-    except CugeError:
-        raise
-    except Exception as e:   # a foreign or damaged file: say so, never guess
-        raise CugeError(f"cannot read the training checkpoint {path}: {e}; delete it (or pass --fresh) "
-                        "to start this run over") from None
-
-
-class _Logger:
-    """wandb when asked: offline unless the user set WANDB_MODE themselves."""
-
-    def __init__(self, enabled: bool, out: Path, config: dict, name: str):
-        self.run = None
-        if not enabled:
-            return
-        import wandb
-        self.run = wandb.init(project="deltakit-cuge", config=config, dir=str(out), name=name,
-                              mode=os.environ.get("WANDB_MODE", "offline"), resume="allow")
-
-    def log(self, values: dict, step: int):
-        if self.run is not None:
-            self.run.log(values, step=step)
-
-    def finish(self):
-        if self.run is not None:
-            self.run.finish()
+    return read_state(path, FORMAT, "CUGE training checkpoint", CugeError,
+                      "delete it (or pass --fresh) to start this run over")
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -254,7 +202,7 @@ def _save(path: Path, fingerprint: dict, names: dict, best_state: dict, opt, sch
         for k, v in opt_state["state"].get(i, {}).items():
             tensors[f"opt.{n}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
     tensors = parallel.whole(tensors)
-    rng_t, rng_j = _rng()
+    rng_t, rng_j = rng_state()
     state = {"fingerprint": fingerprint, **asdict(progress), "rng": rng_j,
              "optimizer": {"param_groups": opt_state["param_groups"]}, "scheduler": sched.state_dict()}
     parallel.on_main(save_checkpoint, path, tensors | rng_t, state)
@@ -283,15 +231,16 @@ def _restore(path: Path, fingerprint: dict, names: dict, best_state: dict, opt, 
             opt_state["state"][i] = st
     opt.load_state_dict(opt_state)
     sched.load_state_dict(state["scheduler"])
-    _set_rng(tensors, state["rng"])
+    set_rng_state(tensors, state["rng"])
     return _Progress(**{k: state[k] for k in _Progress.__dataclass_fields__})
 
 
 def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fingerprint: dict,
-          dev_metric=None, dev_loss_fn=None, wandb: bool = False, progress: bool = True,
+          dev_metric=None, dev_loss_fn=None, logger: Run | None = None, progress: bool = True,
           fresh: bool = False) -> TrainResult:
     """Train `handle`'s deltas with `loss_fn(rows) -> scalar`; leaves the selected deltas in the handle.
-    `dev_loss_fn` (default `loss_fn`) computes the dev loss when dev rows are of another kind."""
+    `dev_loss_fn` (default `loss_fn`) computes the dev loss when dev rows are of another kind.
+    `logger` (a search.wandb_log.Run; the caller finishes it) gets the losses, lr and dev scores."""
     from tqdm.auto import tqdm
     if cfg.select == "metric" and dev_metric is None:
         raise CugeError("select='metric' needs a dev metric")
@@ -329,7 +278,7 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
         logger.log({f"dev/{k}": v for k, v in record.items() if k != "step"}, state.step)
         return record
 
-    logger = _Logger(wandb and dist.is_main(), out, fingerprint, out.name)
+    logger = logger or Run()
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {out.name}", disable=not (progress and dist.is_main()),
                file=sys.stderr)
@@ -358,7 +307,6 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
         if cfg.step_sleep:
             time.sleep(cfg.step_sleep)
     bar.close()
-    logger.finish()
     dist.reshard(model)   # a sharded root holds gathered copies after an evaluation: write the shards
     with torch.no_grad():
         for n, p in names.items():

@@ -1,7 +1,8 @@
-"""Tiny CUGE fixtures, written by the tests themselves: each lite dataset (plus GCRC, PKU-SEG and
-PKU-SEGPOS) in its released format, and any of the 21 in CPM-Ant's preprocessed layout. A handful
-of realistic Chinese rows each, with the released field names and shapes (JSON arrays where the
-release is a JSON array, pretty-printed like Math23K's), cycled to the number of rows asked for.
+"""Tiny CUGE fixtures, written by the tests and the CUGE notebook (notebooks/04_cuge.ipynb)
+themselves: each lite dataset (plus GCRC, PKU-SEG and PKU-SEGPOS) in its released format, and any
+of the 21 in CPM-Ant's preprocessed layout. A handful of realistic Chinese rows each, with the
+released field names and shapes (JSON arrays where the release is a JSON array, pretty-printed
+like Math23K's), cycled to the number of rows asked for.
 
     root = write_lite(tmp_path)                      # released formats of the 7 lite datasets
     write_cpmant("lcsts", tmp_path / "ant")          # ant/lcsts/{train,eval,test}.jsonl

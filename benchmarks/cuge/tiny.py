@@ -1,4 +1,4 @@
-"""Tiny backbones for the CUGE tests, written in each backbone's own file layout, with a vocabulary of
+"""Tiny backbones for the CUGE tests and notebook, written in each backbone's own file layout, with a vocabulary of
 every character of the data they will read (so nothing is <unk>): a native CPM-Ant (CPM-Live's
 .pt + config JSON + ant.txt), a CPM-2 Megatron checkpoint (2 model-parallel shards + vocab.txt +
 config JSON), a Hugging Face GPT-2 and a Hugging Face XLM-R encoder with a character tokenizer."""
