@@ -8,7 +8,7 @@ from dataclasses import asdict
 from deltakit import distributed as dist
 from deltakit.io import write_json, write_text
 
-from .wandb_log import Run
+from deltakit.wandb_log import Run
 
 
 def logger(cfg, out) -> Run:

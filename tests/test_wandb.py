@@ -11,7 +11,7 @@ import pytest
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
-from search import wandb_log  # noqa: E402
+from deltakit import wandb_log  # noqa: E402
 
 BLOCK, HEADER = 32768, b":W&B\xe1\xbe\x00"   # the file header; then blocks of (crc32, length, type) records
 

@@ -142,7 +142,7 @@ def run_one(args, name: str, out: Path) -> dict:
     """Train, select, predict and score one dataset into `out`; returns its metrics.json."""
     import deltakit
     from deltakit import distributed as dist
-    from search.wandb_log import Run
+    from deltakit.wandb_log import Run
 
     from . import data, metrics, recipes, submit
     from .train import plot, take, train

@@ -32,7 +32,7 @@ import torch
 
 from deltakit import distributed as dist
 from deltakit.io import atomic_write, read_state, rng_state, set_rng_state, write_state
-from search.wandb_log import Run
+from deltakit.wandb_log import Run
 
 from . import parallel
 from .errors import CugeError
@@ -240,7 +240,7 @@ def train(handle, loss_fn, train_rows, dev_rows, cfg: TrainConfig, out_dir, fing
           fresh: bool = False) -> TrainResult:
     """Train `handle`'s deltas with `loss_fn(rows) -> scalar`; leaves the selected deltas in the handle.
     `dev_loss_fn` (default `loss_fn`) computes the dev loss when dev rows are of another kind.
-    `logger` (a search.wandb_log.Run; the caller finishes it) gets the losses, lr and dev scores."""
+    `logger` (a deltakit.wandb_log.Run; the caller finishes it) gets the losses, lr and dev scores."""
     from tqdm.auto import tqdm
     if cfg.select == "metric" and dev_metric is None:
         raise CugeError("select='metric' needs a dev metric")
