@@ -16,15 +16,6 @@ peft = pytest.importorskip("peft")
 VOCAB, SEED = 96, 1234
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls are much slower with intra-op threads on a busy machine (ms instead of us)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _config(kind):
     tf = transformers
     if kind == "xlmr":

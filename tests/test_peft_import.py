@@ -15,14 +15,6 @@ from deltakit.errors import CheckpointError
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomise(module, seed=1):
     """PEFT starts B at zero (and prompts from the vocabulary): give every trainable tensor a value."""
     g = torch.Generator().manual_seed(seed)

@@ -18,14 +18,6 @@ from deltakit.trainer import DeltaTrainer  # noqa: E402
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Rows(torch.utils.data.Dataset):
     """Random token rows; the label says whether the first token id is in the upper half."""
 
