@@ -33,7 +33,6 @@ from .errors import CheckpointError, DeltakitError, listing, nearest
 CPM2_CONFIGS = {"cpm-2-11b": "zh", "cpm-2-11b-bilingual": "bilingual", "cpm-2-tiny": "tiny"}
 CPM1_CONFIGS = {"cpm-1-2.6b": "2.6b", "cpm-1-tiny": "tiny"}
 ALIASES = {"cpm-ant": "cpm-ant-10b", "cpm-2": "cpm-2-11b", "cpm-1": "cpm-1-2.6b"}
-CHECKPOINT_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 
 def native_names() -> dict:
@@ -87,17 +86,6 @@ def _hf_folder(folder: Path, class_name: str | None) -> torch.nn.Module:
         raise DeltakitError(f"cannot build {name} from {folder / 'config.json'}: {e}") from None
 
 
-def _cpmant_json(path: Path) -> dict | None:
-    """A CPM-Live config (a few hundred bytes with dim_model and prompt_length), else None."""
-    if path.suffix != ".json" or path.stat().st_size > 64 * 1024:
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and "dim_model" in data and "prompt_length" in data else None
-
-
 def _checkpoint_shapes(path: Path) -> dict:
     """name -> shape of a checkpoint's tensors, without reading them."""
     if path.suffix == ".safetensors":
@@ -118,8 +106,7 @@ def _cpmant_checkpoint(ckpt: Path) -> torch.nn.Module:
     """A CPM-Ant checkpoint: its config from the JSON beside it or from its name; the model is built
     on meta and every tensor's name and shape is checked against it (none is read)."""
     from .backbones import cpmant
-    jsons = [p for p in sorted(ckpt.parent.glob("*.json")) if _cpmant_json(p) is not None]
-    config = next((p for p in jsons if p.stem == ckpt.stem), jsons[0] if len(jsons) == 1 else None)
+    config = cpmant.native_files(ckpt)[1]
     if config is None and ckpt.stem not in cpmant.CONFIGS:
         raise CheckpointError(f"no CPM-Ant config for {ckpt}: put CPM-Live's config JSON (e.g. cpm-ant-10b.json) "
                               f"next to it, or name the checkpoint after a known size ({listing(cpmant.CONFIGS)})")
@@ -175,29 +162,29 @@ def _megatron(folder: Path) -> torch.nn.Module:
 
 def build_model(text: str, model_class: str | None = None) -> torch.nn.Module:
     """The model MODEL names, with its parameters on the meta device (no memory, no weights read)."""
+    from .backbones import cpmant
     names = native_names()
     if text in names:
         return _build_native(*names[text])
     path = Path(text).expanduser()
-    if path.is_dir() and (path / "config.json").is_file() and _cpmant_json(path / "config.json") is None:
+    if path.is_dir() and (path / "config.json").is_file() and not cpmant.is_config_file(path / "config.json"):
         return _hf_folder(path, model_class)
-    if path.is_file() and _cpmant_json(path) is not None:
-        from .backbones import cpmant
+    if path.is_file() and cpmant.is_config_file(path):
         return cpmant.build(str(path), device="meta")
-    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+    if path.is_file() and path.suffix in cpmant.CHECKPOINT_SUFFIXES:
         return _cpmant_checkpoint(path)
     if path.is_dir():
         from .backbones import megatron
         if (path / megatron.TRACKER).is_file() or any(megatron.SHARD.fullmatch(p.name) for p in path.iterdir()):
             return _megatron(path)
-        found = sorted(p for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-        if len(found) == 1 and any(_cpmant_json(p) is not None for p in path.glob("*.json")):
+        found = sorted(p for p in path.iterdir() if p.suffix in cpmant.CHECKPOINT_SUFFIXES)
+        if len(found) == 1 and any(cpmant.is_config_file(p) for p in path.glob("*.json")):
             return _cpmant_checkpoint(found[0])
         raise DeltakitError(f"{path} is none of: a Hugging Face folder (config.json), a CPM-Ant folder (one "
                             f"checkpoint and its config JSON), a Megatron checkpoint folder "
                             f"({megatron.TRACKER}); it holds {listing(p.name for p in path.iterdir()) or 'nothing'}")
     if path.exists():
-        raise DeltakitError(f"{path} is not a model: give a .json CPM-Live config, a {'/'.join(CHECKPOINT_SUFFIXES)} "
+        raise DeltakitError(f"{path} is not a model: give a .json CPM-Live config, a {'/'.join(cpmant.CHECKPOINT_SUFFIXES)} "
                             f"CPM-Ant checkpoint or a folder")
     raise DeltakitError(f"unknown model {text!r}: no such file or folder and no native CPM name.{nearest(text, names)} "
                         f"Native names: {listing(names, 20)}")

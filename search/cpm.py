@@ -14,7 +14,6 @@ The backbone stays whole and frozen, and the budget counts all of it, embeddings
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 from .backbone import Backbone
 from .errors import SearchError
 
-CHECKPOINT_SUFFIXES = (".pt", ".bin", ".safetensors")
 TASK_ID = 1   # CPM-Live tunes with the prompt rows of task 1 (its generation defaults to 2)
 
 
@@ -57,24 +55,12 @@ class CPMAntBackbone(Backbone):
 
 def _files(path: Path) -> tuple[Path, Path | None, Path | None] | None:
     """(checkpoint, config JSON, vocab) of a native CPM-Ant path, or None when it is not one."""
-    if not (path.is_dir() or path.is_file() and path.suffix in CHECKPOINT_SUFFIXES):
-        return None
-    folder = path if path.is_dir() else path.parent
-    jsons = [p for p in sorted(folder.glob("*.json")) if _is_cpmant_config(p)]
-    if path.is_file():
-        ckpt = path
-    elif jsons:
-        found = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-        if len(found) != 1:
-            raise SearchError(f"{path} has a CPM-Ant config but {len(found)} checkpoint files "
-                              f"({', '.join(p.name for p in found) or 'none'}); pass the checkpoint file itself")
-        ckpt = found[0]
-    else:
-        return None
-    config = next((p for p in jsons if p.stem == ckpt.stem), jsons[0] if len(jsons) == 1 else None)
-    vocabs = sorted(folder.glob("*.txt"))
-    vocab = next((p for p in vocabs if p.name in ("ant.txt", "vocab.txt")), vocabs[0] if len(vocabs) == 1 else None)
-    return ckpt, config, vocab
+    from deltakit.backbones.cpmant import native_files
+    from deltakit.errors import DeltakitError
+    try:
+        return native_files(path)
+    except DeltakitError as e:
+        raise SearchError(str(e)) from None
 
 
 def is_native_cpmant(path) -> bool:
@@ -83,17 +69,6 @@ def is_native_cpmant(path) -> bool:
         return _files(Path(path)) is not None
     except SearchError:
         return True
-
-
-def _is_cpmant_config(path: Path) -> bool:
-    # a config is a few hundred bytes; a Hugging Face folder's tokenizer.json (17 MB for e5) is not read
-    if path.stat().st_size > 64 * 1024:
-        return False
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "dim_model" in data and "prompt_length" in data
 
 
 def _word_ids(tokenizer, words: list[str]) -> list[int]:

@@ -410,6 +410,48 @@ def build(cfg="cpm-ant-10b", dtype=torch.float32, device="cpu") -> CPMAnt:
     return model
 
 
+# ---- finding a checkpoint laid out as CPM-Live ships it ------------------------------------------
+
+CHECKPOINT_SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+def is_config_file(path: Path) -> bool:
+    """A CPM-Live config JSON: a few hundred bytes with dim_model and prompt_length (a Hugging Face
+    folder's tokenizer.json, 17 MB for e5, is never parsed)."""
+    path = Path(path)
+    if path.suffix != ".json" or path.stat().st_size > 64 * 1024:
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "dim_model" in data and "prompt_length" in data
+
+
+def native_files(path) -> tuple[Path, Path | None, Path | None] | None:
+    """(checkpoint, config JSON, vocab) of a native CPM-Ant path: the checkpoint file, or its folder,
+    with CPM-Live's config JSON (the one named as the checkpoint, or the only one) and vocab (ant.txt,
+    vocab.txt, or the only .txt) beside it; None (config, vocab) where there is none, None in all when
+    `path` is not a CPM-Ant checkpoint. A folder with a config and not exactly one checkpoint is an error."""
+    path = Path(path)
+    if not (path.is_dir() or (path.is_file() and path.suffix in CHECKPOINT_SUFFIXES)):
+        return None
+    folder = path if path.is_dir() else path.parent
+    configs = [p for p in sorted(folder.glob("*.json")) if is_config_file(p)]
+    if path.is_dir():
+        if not configs:
+            return None
+        found = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        if len(found) != 1:
+            raise CheckpointError(f"{path} has a CPM-Ant config but {len(found)} checkpoint files "
+                                  f"({', '.join(p.name for p in found) or 'none'}); pass the checkpoint file itself")
+        path = found[0]
+    config = next((p for p in configs if p.stem == path.stem), configs[0] if len(configs) == 1 else None)
+    vocabs = sorted(folder.glob("*.txt"))
+    vocab = next((p for p in vocabs if p.name in ("ant.txt", "vocab.txt")), vocabs[0] if len(vocabs) == 1 else None)
+    return path, config, vocab
+
+
 def read_state_dict(path) -> dict:
     """Tensors from a `.safetensors` file or a torch checkpoint (`.pt`, `.bin`), read without
     unpickling arbitrary objects (torch.load(weights_only=True))."""

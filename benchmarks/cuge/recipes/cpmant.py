@@ -25,11 +25,12 @@ parameters on the 10B; its prompt rows stay frozen, as `freeze_module(exclude=["
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from deltakit.errors import DeltakitError
 
 from ..errors import CugeError
 from .common import (GENERATIVE, HParams, check_kind, choice_loss, max_new_tokens, options_of, rank_loss,
@@ -41,7 +42,6 @@ YES, ASK = "是", "[是否正确]"
 BEAMS = 3
 DEFAULT_DELTA = "lora(r=8,alpha=16)@attn.q,attn.v"
 KINDS = ("choice", "rank") + GENERATIVE
-CHECKPOINT_SUFFIXES = (".pt", ".bin", ".safetensors")
 
 # CPM-Live's examples/scripts/*.sh (batch size per GPU, tune max len, lr, epochs, patience, eval
 # interval, infer max len); Noam schedule with 50 warm-up steps, weight decay 0.01, gradient clip 10.
@@ -63,38 +63,17 @@ OTHER = HParams(batch_size=16, max_len=512, lr=5e-3, epochs=20, patience=10, eva
 # ---- finding and loading -----------------------------------------------------------------------
 
 def files(path) -> tuple[Path, Path | None, Path] | None:
-    """(checkpoint, config JSON or None, vocab) of a native CPM-Ant path as CPM-Live ships it (the
-    checkpoint file, or its folder, with the config JSON and ant.txt beside it); None when `path`
-    is not one. The same layout as `search.cpm` reads."""
-    path = Path(path)
-    if not (path.is_dir() or (path.is_file() and path.suffix in CHECKPOINT_SUFFIXES)):
-        return None
-    folder = path if path.is_dir() else path.parent
-    configs = [p for p in sorted(folder.glob("*.json")) if _is_config(p)]
-    if path.is_dir():
-        if not configs:
-            return None
-        found = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-        if len(found) != 1:
-            raise CugeError(f"{path} has a CPM-Ant config but {len(found)} checkpoint files "
-                            f"({', '.join(p.name for p in found) or 'none'}); pass the checkpoint file itself")
-        path = found[0]
-    config = next((p for p in configs if p.stem == path.stem), configs[0] if len(configs) == 1 else None)
-    vocabs = sorted(folder.glob("*.txt"))
-    vocab = next((p for p in vocabs if p.name in ("ant.txt", "vocab.txt")), vocabs[0] if len(vocabs) == 1 else None)
-    if vocab is None:
-        raise CugeError(f"no CPM-Ant vocab next to {path}: put CPM-Live's cpm_live/vocabs/ant.txt in {folder}")
-    return path, config, vocab
-
-
-def _is_config(path: Path) -> bool:
-    if path.stat().st_size > 64 * 1024:   # a config is a few hundred bytes; never parse a tokenizer.json
-        return False
+    """(checkpoint, config JSON or None, vocab) of a native CPM-Ant path as CPM-Live ships it
+    (deltakit.backbones.cpmant.native_files, which search.cpm reads too); None when `path` is not one."""
+    from deltakit.backbones.cpmant import native_files
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "dim_model" in data and "prompt_length" in data
+        found = native_files(path)
+    except DeltakitError as e:
+        raise CugeError(str(e)) from None
+    if found is not None and found[2] is None:
+        raise CugeError(f"no CPM-Ant vocab next to {found[0]}: put CPM-Live's cpm_live/vocabs/ant.txt in "
+                        f"{found[0].parent}")
+    return found
 
 
 def load(path, device="cpu") -> "CPMAntRecipe":
